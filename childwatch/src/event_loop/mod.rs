@@ -1,0 +1,972 @@
+//! The event loop: asyncio's `BaseEventLoop` semantics over two backends.
+//!
+//! One [`EventLoop`] runs on one thread. Each iteration (asyncio's
+//! `_run_once`) it
+//!
+//! 1. asks its backend for IO — the io_uring [proactor](proactor) or the
+//!    epoll [selector](selector) — sleeping no longer than the next timer,
+//!    and not at all if callbacks are ready;
+//! 2. takes in what other threads queued (`call_soon_threadsafe`, tasks woken
+//!    elsewhere) and the signals that arrived;
+//! 3. moves due timers to the ready queue;
+//! 4. runs exactly the callbacks that were ready when the iteration began, in
+//!    FIFO order; callbacks they schedule run in the next iteration.
+//!
+//! Everything but the backend is shared: the ready queue, the timer heap,
+//! tasks (on `async-task`), signals and the cross-thread queue. Backends are
+//! behind `cfg` seams so that another platform only brings its own.
+//!
+//! A panicking callback or task never wedges the loop: the panic is caught,
+//! reported through `tracing` (as asyncio's default exception handler logs),
+//! and the loop goes on; a task's panic is re-raised where the task is
+//! awaited.
+
+mod notify;
+#[cfg(target_os = "linux")]
+pub(crate) mod proactor;
+#[cfg(unix)]
+pub(crate) mod selector;
+mod signals;
+mod timers;
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::pin::{Pin, pin};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Wake, Waker};
+use std::time::{Duration, Instant};
+
+use async_task::Runnable;
+
+use notify::Notifier;
+use signals::SignalHandlers;
+use timers::Timers;
+
+/// Which backend a loop runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LoopKind {
+    /// Completion-based: io_uring on Linux (asyncio's `ProactorEventLoop`).
+    Proactor,
+    /// Readiness-based: epoll (asyncio's `SelectorEventLoop`).
+    Selector,
+}
+
+impl fmt::Display for LoopKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LoopKind::Proactor => "proactor",
+            LoopKind::Selector => "selector",
+        })
+    }
+}
+
+// ---------------------------------------------------------------- handles
+
+/// The state behind a [`Handle`]: the callback until it runs or is cancelled.
+pub(crate) struct HandleState {
+    cancelled: Cell<bool>,
+    callback: RefCell<Option<Box<dyn FnOnce()>>>,
+}
+
+impl HandleState {
+    fn new(f: Box<dyn FnOnce()>) -> Rc<HandleState> {
+        Rc::new(HandleState {
+            cancelled: Cell::new(false),
+            callback: RefCell::new(Some(f)),
+        })
+    }
+
+    pub(crate) fn is_cancelled(&self) -> bool {
+        self.cancelled.get()
+    }
+
+    fn take(&self) -> Option<Box<dyn FnOnce()>> {
+        if self.cancelled.get() {
+            return None;
+        }
+        self.callback.borrow_mut().take()
+    }
+}
+
+/// A scheduled callback, returned by `call_soon`, `call_later` and `call_at`
+/// (asyncio's `Handle` / `TimerHandle`).
+pub struct Handle {
+    state: Rc<HandleState>,
+    when: Option<Instant>,
+}
+
+impl Handle {
+    /// Cancels the callback if it has not run yet; it then never runs. The
+    /// callback (and what it captured) is dropped at once.
+    pub fn cancel(&self) {
+        if !self.state.cancelled.replace(true) {
+            let cb = self.state.callback.borrow_mut().take();
+            drop(cb);
+        }
+    }
+
+    /// Whether [`cancel`](Self::cancel) was called.
+    pub fn cancelled(&self) -> bool {
+        self.state.cancelled.get()
+    }
+
+    /// When a timer handle is due (`None` for `call_soon`).
+    pub fn when(&self) -> Option<Instant> {
+        self.when
+    }
+}
+
+impl fmt::Debug for Handle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Handle")
+            .field("cancelled", &self.cancelled())
+            .field("when", &self.when)
+            .finish()
+    }
+}
+
+// ---------------------------------------------------------------- tasks
+
+/// A future running on a loop (asyncio's `Task`), created by
+/// [`EventLoop::create_task`].
+///
+/// Awaiting it gives the future's output; a panic inside the task is
+/// re-raised where it is awaited. Dropping a `Task` cancels it (the future is
+/// dropped on its loop's thread); [`detach`](Self::detach) lets it run to
+/// completion on its own instead.
+#[must_use = "dropping a Task cancels it; call .detach() to let it run"]
+pub struct Task<T> {
+    inner: async_task::Task<T>,
+}
+
+impl<T> Task<T> {
+    /// Lets the task run to completion without anyone awaiting it.
+    pub fn detach(self) {
+        self.inner.detach();
+    }
+
+    /// Whether the task has completed (or was cancelled).
+    pub fn is_finished(&self) -> bool {
+        self.inner.is_finished()
+    }
+}
+
+impl<T> Future for Task<T> {
+    type Output = T;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        Pin::new(&mut self.inner).poll(cx)
+    }
+}
+
+impl<T> fmt::Debug for Task<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Task")
+            .field("finished", &self.inner.is_finished())
+            .finish()
+    }
+}
+
+/// Wraps a task's future so that a panic is reported when it happens, not
+/// only when (if ever) the task is awaited.
+struct ReportPanic<F>(F);
+
+impl<F: Future> Future for ReportPanic<F> {
+    type Output = F::Output;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        // SAFETY: structural pinning of the only field.
+        let fut = unsafe { self.map_unchecked_mut(|s| &mut s.0) };
+        match catch_unwind(AssertUnwindSafe(|| fut.poll(cx))) {
+            Ok(p) => p,
+            Err(payload) => {
+                tracing::error!("task panicked: {}", panic_message(&*payload));
+                std::panic::resume_unwind(payload)
+            }
+        }
+    }
+}
+
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "<non-string panic payload>".to_string()
+    }
+}
+
+// ---------------------------------------------------------------- shared (Send) part
+
+enum RemoteItem {
+    Call(Box<dyn FnOnce() + Send>),
+    Run(Runnable),
+}
+
+struct Remote {
+    queue: VecDeque<RemoteItem>,
+    closed: bool,
+}
+
+/// The part of a loop other threads (and signal handlers) may touch.
+pub(crate) struct Shared {
+    remote: Mutex<Remote>,
+    notifier: Notifier,
+    stop_requested: AtomicBool,
+    signals_pending: AtomicU64,
+    closed: AtomicBool,
+    thread: u64,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Remote> {
+        // A panic while holding this lock cannot leave the queue inconsistent.
+        self.remote.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+thread_local! {
+    static THREAD_ID: u64 = {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    };
+    static RUNNING: RefCell<Option<EventLoop>> = const { RefCell::new(None) };
+}
+
+fn thread_id() -> u64 {
+    THREAD_ID.try_with(|id| *id).unwrap_or(0)
+}
+
+// ---------------------------------------------------------------- backends
+
+enum Backend {
+    #[cfg(target_os = "linux")]
+    Proactor(proactor::Proactor),
+    #[cfg(unix)]
+    Selector(selector::Selector),
+}
+
+impl Backend {
+    fn poll(&self, timeout: Option<Duration>, notifier: &Notifier) -> io::Result<()> {
+        match self {
+            #[cfg(target_os = "linux")]
+            Backend::Proactor(p) => p.poll(timeout, notifier),
+            #[cfg(unix)]
+            Backend::Selector(s) => s.poll(timeout, notifier),
+        }
+    }
+
+    fn close(&self) {
+        match self {
+            #[cfg(target_os = "linux")]
+            Backend::Proactor(p) => p.shutdown(),
+            #[cfg(unix)]
+            Backend::Selector(_) => {}
+        }
+    }
+}
+
+// ---------------------------------------------------------------- the loop
+
+enum Ready {
+    Call(Rc<HandleState>),
+    Run(Runnable),
+}
+
+struct Inner {
+    kind: LoopKind,
+    shared: Arc<Shared>,
+    backend: Backend,
+    ready: RefCell<VecDeque<Ready>>,
+    timers: RefCell<Timers>,
+    signals: RefCell<SignalHandlers>,
+    running: Cell<bool>,
+    stopping: Cell<bool>,
+    closed: Cell<bool>,
+}
+
+/// An asyncio event loop: callbacks, timers, tasks, signals and IO on one
+/// thread.
+///
+/// `EventLoop` is a cheap handle (`Clone`) to one loop and is `!Send`: a loop
+/// belongs to the thread that created it. Other threads talk to it through a
+/// [`LoopHandle`].
+///
+/// ```
+/// use std::time::Duration;
+/// let lp = childwatch::EventLoop::selector()?;
+/// let lp2 = lp.clone();
+/// let v = lp.run_until_complete(async move {
+///     childwatch::sleep(Duration::from_millis(1)).await;
+///     lp2.create_task(async { 40 + 2 }).await
+/// })?;
+/// assert_eq!(v, 42);
+/// # Ok::<(), std::io::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct EventLoop {
+    inner: Rc<Inner>,
+}
+
+impl fmt::Debug for EventLoop {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EventLoop")
+            .field("kind", &self.inner.kind)
+            .field("running", &self.inner.running.get())
+            .field("closed", &self.inner.closed.get())
+            .finish()
+    }
+}
+
+impl PartialEq for EventLoop {
+    fn eq(&self, other: &Self) -> bool {
+        Rc::ptr_eq(&self.inner, &other.inner)
+    }
+}
+impl Eq for EventLoop {}
+
+/// The loop running on this thread, if any (asyncio's `get_running_loop`,
+/// which raises where this returns `None`).
+pub fn get_running_loop() -> Option<EventLoop> {
+    RUNNING.try_with(|r| r.borrow().clone()).ok().flatten()
+}
+
+impl EventLoop {
+    fn with_backend(
+        kind: LoopKind,
+        make: impl FnOnce(&Notifier) -> io::Result<Backend>,
+    ) -> io::Result<EventLoop> {
+        let notifier = Notifier::new()?;
+        let backend = make(&notifier)?;
+        Ok(EventLoop {
+            inner: Rc::new(Inner {
+                kind,
+                shared: Arc::new(Shared {
+                    remote: Mutex::new(Remote {
+                        queue: VecDeque::new(),
+                        closed: false,
+                    }),
+                    notifier,
+                    stop_requested: AtomicBool::new(false),
+                    signals_pending: AtomicU64::new(0),
+                    closed: AtomicBool::new(false),
+                    thread: thread_id(),
+                }),
+                backend,
+                ready: RefCell::new(VecDeque::new()),
+                timers: RefCell::new(Timers::default()),
+                signals: RefCell::new(SignalHandlers::default()),
+                running: Cell::new(false),
+                stopping: Cell::new(false),
+                closed: Cell::new(false),
+            }),
+        })
+    }
+
+    /// A completion-based loop on io_uring. `ErrorKind::Unsupported` where
+    /// the kernel has no (usable) io_uring.
+    pub fn proactor() -> io::Result<EventLoop> {
+        #[cfg(target_os = "linux")]
+        {
+            EventLoop::with_backend(LoopKind::Proactor, |_| {
+                proactor::Proactor::new().map(Backend::Proactor)
+            })
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "the proactor event loop is not available on this platform; use EventLoop::selector()",
+            ))
+        }
+    }
+
+    /// A readiness-based loop on epoll.
+    pub fn selector() -> io::Result<EventLoop> {
+        EventLoop::with_backend(LoopKind::Selector, |n| {
+            selector::Selector::new(n).map(Backend::Selector)
+        })
+    }
+
+    /// A loop of the given kind.
+    pub fn new(kind: LoopKind) -> io::Result<EventLoop> {
+        match kind {
+            LoopKind::Proactor => EventLoop::proactor(),
+            LoopKind::Selector => EventLoop::selector(),
+        }
+    }
+
+    /// Which backend this loop runs on.
+    pub fn kind(&self) -> LoopKind {
+        self.inner.kind
+    }
+
+    /// The loop's clock (monotonic).
+    pub fn time(&self) -> Instant {
+        Instant::now()
+    }
+
+    /// Schedules `f` to run at the next iteration, after the callbacks
+    /// already scheduled (FIFO).
+    pub fn call_soon(&self, f: impl FnOnce() + 'static) -> Handle {
+        let state = HandleState::new(Box::new(f));
+        self.inner
+            .ready
+            .borrow_mut()
+            .push_back(Ready::Call(Rc::clone(&state)));
+        Handle { state, when: None }
+    }
+
+    /// Schedules `f` to run after `delay`.
+    pub fn call_later(&self, delay: Duration, f: impl FnOnce() + 'static) -> Handle {
+        let when = self.time().checked_add(delay).unwrap_or_else(far_future);
+        self.call_at(when, f)
+    }
+
+    /// Schedules `f` to run at `when`; timers due at the same instant run in
+    /// the order they were scheduled.
+    pub fn call_at(&self, when: Instant, f: impl FnOnce() + 'static) -> Handle {
+        let state = HandleState::new(Box::new(f));
+        self.inner.timers.borrow_mut().push(when, Rc::clone(&state));
+        Handle {
+            state,
+            when: Some(when),
+        }
+    }
+
+    /// A `Send + Sync` handle for other threads.
+    pub fn handle(&self) -> LoopHandle {
+        LoopHandle {
+            shared: Arc::clone(&self.inner.shared),
+        }
+    }
+
+    /// Runs `fut` as a task on this loop. It starts at the next iteration.
+    ///
+    /// On a closed loop the task is cancelled at once and never runs.
+    pub fn create_task<F>(&self, fut: F) -> Task<F::Output>
+    where
+        F: Future + 'static,
+        F::Output: 'static,
+    {
+        let shared = Arc::clone(&self.inner.shared);
+        let schedule = move |runnable: Runnable| schedule_runnable(&shared, runnable);
+        let (runnable, task) = async_task::Builder::new()
+            .propagate_panic(true)
+            .spawn_local(move |_| ReportPanic(fut), schedule);
+        runnable.schedule();
+        Task { inner: task }
+    }
+
+    /// Runs the loop until `fut` completes and returns its output.
+    ///
+    /// `fut` need not be `'static`: it is polled in place. Errors (never
+    /// panics) if the loop is closed, already running, another loop runs on
+    /// this thread, or the loop was stopped before `fut` completed.
+    pub fn run_until_complete<F: Future>(&self, fut: F) -> io::Result<F::Output> {
+        let _guard = self.enter_running()?;
+        let main = Arc::new(MainWaker {
+            woken: AtomicBool::new(true),
+            shared: Arc::clone(&self.inner.shared),
+        });
+        let waker = Waker::from(Arc::clone(&main));
+        let mut cx = Context::from_waker(&waker);
+        let mut fut = pin!(fut);
+        // Like asyncio, where the future runs as a task scheduled with
+        // call_soon: callbacks already queued run first, then the future is
+        // polled in the same iteration whenever it was woken.
+        loop {
+            self.run_once(main.woken.load(Ordering::SeqCst))?;
+            if main.woken.swap(false, Ordering::SeqCst) {
+                if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
+                    return Ok(v);
+                }
+            }
+            if self.inner.stopping.replace(false) {
+                return Err(io::Error::other(
+                    "the event loop was stopped before the future completed",
+                ));
+            }
+        }
+    }
+
+    /// Runs the loop until [`stop`](Self::stop) is called. If `stop` was
+    /// called before, runs one iteration and returns.
+    pub fn run_forever(&self) -> io::Result<()> {
+        let _guard = self.enter_running()?;
+        loop {
+            self.run_once(false)?;
+            if self.inner.stopping.replace(false) {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Stops the loop after the current iteration.
+    pub fn stop(&self) {
+        self.inner.stopping.set(true);
+    }
+
+    /// Whether the loop is running.
+    pub fn is_running(&self) -> bool {
+        self.inner.running.get()
+    }
+
+    /// Closes the loop: drops pending callbacks and timers, removes its
+    /// signal handlers, cancels its IO and releases its ring or epoll
+    /// instance. Closing twice is fine; closing a running loop is an error.
+    pub fn close(&self) -> io::Result<()> {
+        if self.inner.running.get() {
+            return Err(io::Error::other(
+                "cannot close a running event loop; call stop() and let run_forever() return first",
+            ));
+        }
+        if self.inner.closed.replace(true) {
+            return Ok(());
+        }
+        self.inner.shared.closed.store(true, Ordering::SeqCst);
+        let remote: Vec<RemoteItem> = {
+            let mut r = self.inner.shared.lock();
+            r.closed = true;
+            r.queue.drain(..).collect()
+        };
+        drop(remote);
+        self.inner.signals.borrow_mut().clear();
+        self.inner.backend.close();
+        let ready: Vec<Ready> = self.inner.ready.borrow_mut().drain(..).collect();
+        drop(ready);
+        self.inner.timers.borrow_mut().clear();
+        Ok(())
+    }
+
+    /// Whether [`close`](Self::close) was called.
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.get()
+    }
+
+    /// Calls `f` on this loop's thread each time signal `sig` arrives
+    /// (replacing an earlier handler for `sig`). Other handlers for `sig` in
+    /// the process keep working.
+    pub fn add_signal_handler(&self, sig: i32, f: impl FnMut() + 'static) -> io::Result<()> {
+        if self.is_closed() {
+            return Err(io::Error::other(
+                "cannot add a signal handler to a closed event loop",
+            ));
+        }
+        self.inner
+            .signals
+            .borrow_mut()
+            .add(&self.inner.shared, sig, Box::new(f))
+    }
+
+    /// Removes the handler for `sig`; false if there was none.
+    pub fn remove_signal_handler(&self, sig: i32) -> bool {
+        self.inner.signals.borrow_mut().remove(sig)
+    }
+
+    // ------------------------------------------------------------ internals
+
+    /// The io_uring backend, for operations that want completions.
+    #[cfg(target_os = "linux")]
+    pub(crate) fn proactor_backend(&self) -> Option<&proactor::Proactor> {
+        match &self.inner.backend {
+            Backend::Proactor(p) => Some(p),
+            #[allow(unreachable_patterns)]
+            _ => None,
+        }
+    }
+
+    /// The epoll backend, for operations that want readiness.
+    #[cfg(unix)]
+    pub(crate) fn selector_backend(&self) -> Option<&selector::Selector> {
+        match &self.inner.backend {
+            Backend::Selector(s) => Some(s),
+            #[allow(unreachable_patterns)]
+            _ => None,
+        }
+    }
+
+    /// Waits until `fd` is readable, on either backend (a `POLL_ADD` on the
+    /// proactor, a one-shot epoll registration on the selector).
+    ///
+    /// The caller keeps `fd` open until the returned future completes or is
+    /// dropped.
+    #[cfg(unix)]
+    pub(crate) async fn wait_readable(&self, fd: std::os::fd::RawFd) -> io::Result<()> {
+        match &self.inner.backend {
+            #[cfg(target_os = "linux")]
+            Backend::Proactor(p) => {
+                let (res, ()) = p.poll_add(fd, libc::POLLIN as u32).await;
+                res.map(|_| ())
+            }
+            Backend::Selector(s) => {
+                // SAFETY: the caller keeps `fd` open while this future lives,
+                // and the Source (dropped with the future) deregisters it.
+                let src = unsafe { s.register(fd)? };
+                std::future::poll_fn(|cx| src.poll_ready(cx, selector::Interest::Read)).await
+            }
+        }
+    }
+
+    /// Whether the calling thread is this loop's thread.
+    pub(crate) fn is_own_thread(&self) -> bool {
+        self.inner.shared.thread == thread_id()
+    }
+
+    fn enter_running(&self) -> io::Result<RunGuard> {
+        if self.inner.closed.get() {
+            return Err(io::Error::other(
+                "the event loop is closed; create a new one",
+            ));
+        }
+        if self.inner.running.get() {
+            return Err(io::Error::other("this event loop is already running"));
+        }
+        if !self.is_own_thread() {
+            return Err(io::Error::other(
+                "an event loop can only run on the thread that created it",
+            ));
+        }
+        let other = RUNNING.try_with(|r| r.borrow().is_some()).unwrap_or(true);
+        if other {
+            return Err(io::Error::other(
+                "cannot run the event loop while another loop is running on this thread",
+            ));
+        }
+        RUNNING.with(|r| *r.borrow_mut() = Some(self.clone()));
+        self.inner.running.set(true);
+        Ok(RunGuard { lp: self.clone() })
+    }
+
+    /// One iteration; `busy` says there is work outside the ready queue (the
+    /// main future was woken), so the backend must not sleep.
+    fn run_once(&self, busy: bool) -> io::Result<()> {
+        let inner = &*self.inner;
+        let timeout = if busy
+            || inner.stopping.get()
+            || !inner.ready.borrow().is_empty()
+            || inner.shared.stop_requested.load(Ordering::Relaxed)
+        {
+            Some(Duration::ZERO)
+        } else {
+            inner
+                .timers
+                .borrow_mut()
+                .next_deadline()
+                .map(|d| d.saturating_duration_since(Instant::now()))
+        };
+        inner.backend.poll(timeout, &inner.shared.notifier)?;
+        if inner.shared.stop_requested.swap(false, Ordering::SeqCst) {
+            inner.stopping.set(true);
+        }
+        self.take_remote();
+        self.take_signals();
+        {
+            let now = Instant::now();
+            let mut ready = inner.ready.borrow_mut();
+            inner
+                .timers
+                .borrow_mut()
+                .pop_expired(now, &mut |h| ready.push_back(Ready::Call(h)));
+        }
+        let ntodo = inner.ready.borrow().len();
+        for _ in 0..ntodo {
+            let item = inner.ready.borrow_mut().pop_front();
+            match item {
+                Some(Ready::Call(h)) => {
+                    if let Some(cb) = h.take() {
+                        if let Err(p) = catch_unwind(AssertUnwindSafe(cb)) {
+                            tracing::error!(
+                                "exception in callback (the loop goes on): {}",
+                                panic_message(&*p)
+                            );
+                        }
+                    }
+                }
+                Some(Ready::Run(r)) => {
+                    // Task panics are caught by async-task (propagate_panic)
+                    // after `ReportPanic` logged them.
+                    if let Err(p) = catch_unwind(AssertUnwindSafe(|| r.run())) {
+                        tracing::error!("task panicked: {}", panic_message(&*p));
+                    }
+                }
+                None => break,
+            }
+        }
+        Ok(())
+    }
+
+    fn take_remote(&self) {
+        let items: VecDeque<RemoteItem> = {
+            let mut r = self.inner.shared.lock();
+            if r.queue.is_empty() {
+                return;
+            }
+            std::mem::take(&mut r.queue)
+        };
+        let mut ready = self.inner.ready.borrow_mut();
+        for item in items {
+            match item {
+                RemoteItem::Call(f) => ready.push_back(Ready::Call(HandleState::new(f))),
+                RemoteItem::Run(r) => ready.push_back(Ready::Run(r)),
+            }
+        }
+    }
+
+    fn take_signals(&self) {
+        let pending = self.inner.shared.signals_pending.swap(0, Ordering::SeqCst);
+        if pending == 0 {
+            return;
+        }
+        let signals = self.inner.signals.borrow();
+        let mut ready = self.inner.ready.borrow_mut();
+        signals.collect(pending, &mut |cb| {
+            ready.push_back(Ready::Call(HandleState::new(Box::new(move || {
+                (cb.borrow_mut())();
+            }))));
+        });
+    }
+
+    /// Pending callbacks, timers and signal handlers (for tests and debug).
+    pub(crate) fn pending_counts(&self) -> (usize, usize, bool) {
+        (
+            self.inner.ready.borrow().len(),
+            self.inner.timers.borrow().len(),
+            !self.inner.signals.borrow().is_empty(),
+        )
+    }
+}
+
+fn far_future() -> Instant {
+    // About 30 years: far enough to never fire, near enough not to overflow.
+    Instant::now() + Duration::from_secs(86400 * 365 * 30)
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Same teardown as `close`, for a loop dropped without it. Runnables
+        // in the remote queue must be dropped here, on the loop's thread.
+        self.shared.closed.store(true, Ordering::SeqCst);
+        let remote: Vec<RemoteItem> = {
+            let mut r = self.shared.lock();
+            r.closed = true;
+            r.queue.drain(..).collect()
+        };
+        drop(remote);
+        self.signals.get_mut().clear();
+        self.backend.close();
+        self.ready.get_mut().clear();
+        self.timers.get_mut().clear();
+    }
+}
+
+struct RunGuard {
+    lp: EventLoop,
+}
+
+impl Drop for RunGuard {
+    fn drop(&mut self) {
+        self.lp.inner.running.set(false);
+        self.lp.inner.stopping.set(false);
+        let _ = RUNNING.try_with(|r| r.borrow_mut().take());
+    }
+}
+
+/// Schedules a task's runnable: straight onto the ready queue when called on
+/// the loop's own thread while it runs, else through the remote queue (and a
+/// wake-up if called from another thread).
+fn schedule_runnable(shared: &Arc<Shared>, runnable: Runnable) {
+    let mut slot = Some(runnable);
+    let on_loop = RUNNING.try_with(|r| {
+        let r = r.borrow();
+        match r.as_ref() {
+            Some(lp) if Arc::ptr_eq(&lp.inner.shared, shared) => {
+                if let Some(run) = slot.take() {
+                    lp.inner.ready.borrow_mut().push_back(Ready::Run(run));
+                }
+                true
+            }
+            _ => false,
+        }
+    });
+    let Some(runnable) = slot else { return };
+    if on_loop.is_err() {
+        // Thread-local storage is being torn down: we cannot tell where we are.
+        return leak_runnable(runnable);
+    }
+    let mut remote = shared.lock();
+    if remote.closed {
+        drop(remote);
+        if shared.thread == thread_id() {
+            // On the loop's thread: dropping cancels the task correctly.
+            drop(runnable);
+        } else {
+            leak_runnable(runnable);
+        }
+        return;
+    }
+    remote.queue.push_back(RemoteItem::Run(runnable));
+    drop(remote);
+    if shared.thread != thread_id() {
+        shared.notifier.notify();
+    }
+}
+
+/// A task woken on a foreign thread after its loop closed cannot be dropped
+/// there (its future is not `Send`); leaking it is the only safe choice.
+fn leak_runnable(runnable: Runnable) {
+    tracing::warn!("a task was woken after its event loop closed; it is leaked, not run");
+    std::mem::forget(runnable);
+}
+
+struct MainWaker {
+    woken: AtomicBool,
+    shared: Arc<Shared>,
+}
+
+impl Wake for MainWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::SeqCst);
+        if self.shared.thread != thread_id() {
+            self.shared.notifier.notify();
+        }
+    }
+}
+
+// ---------------------------------------------------------------- LoopHandle
+
+/// A `Send + Sync` handle to a loop, for other threads: asyncio's
+/// `call_soon_threadsafe` and a thread-safe `stop`.
+#[derive(Clone)]
+pub struct LoopHandle {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for LoopHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LoopHandle")
+            .field("closed", &self.is_closed())
+            .finish()
+    }
+}
+
+impl LoopHandle {
+    /// Schedules `f` on the loop's thread and wakes the loop. Errors once the
+    /// loop is closed.
+    pub fn call_soon_threadsafe(&self, f: impl FnOnce() + Send + 'static) -> io::Result<()> {
+        {
+            let mut r = self.shared.lock();
+            if r.closed {
+                return Err(io::Error::other(
+                    "the event loop is closed; call_soon_threadsafe cannot schedule on it",
+                ));
+            }
+            r.queue.push_back(RemoteItem::Call(Box::new(f)));
+        }
+        self.shared.notifier.notify();
+        Ok(())
+    }
+
+    /// Stops the loop after its current iteration (thread-safe `stop`).
+    pub fn stop(&self) {
+        self.shared.stop_requested.store(true, Ordering::SeqCst);
+        self.shared.notifier.notify();
+    }
+
+    /// Whether the loop was closed.
+    pub fn is_closed(&self) -> bool {
+        self.shared.closed.load(Ordering::SeqCst)
+    }
+
+    /// Whether both handles refer to the same loop.
+    pub fn same_loop(&self, other: &LoopHandle) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+}
+
+// ---------------------------------------------------------------- sleep
+
+/// Completes after `delay` on the running loop (asyncio's `sleep`).
+///
+/// Must be awaited inside a running loop; outside one it completes at once
+/// with a warning, rather than panicking.
+pub fn sleep(delay: Duration) -> Sleep {
+    Sleep { delay, state: None }
+}
+
+/// The future returned by [`sleep`].
+pub struct Sleep {
+    delay: Duration,
+    state: Option<(Handle, Rc<Cell<bool>>, Rc<RefCell<Option<Waker>>>)>,
+}
+
+impl fmt::Debug for Sleep {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Sleep").field("delay", &self.delay).finish()
+    }
+}
+
+impl Future for Sleep {
+    type Output = ();
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.state.is_none() {
+            let Some(lp) = get_running_loop() else {
+                tracing::warn!("sleep() awaited outside a running event loop; returning at once");
+                return Poll::Ready(());
+            };
+            let fired = Rc::new(Cell::new(false));
+            let waker: Rc<RefCell<Option<Waker>>> = Rc::new(RefCell::new(None));
+            let (f2, w2) = (Rc::clone(&fired), Rc::clone(&waker));
+            let h = lp.call_later(self.delay, move || {
+                f2.set(true);
+                if let Some(w) = w2.borrow_mut().take() {
+                    w.wake();
+                }
+            });
+            self.state = Some((h, fired, waker));
+        }
+        let Some((_, fired, waker)) = &self.state else {
+            return Poll::Ready(());
+        };
+        if fired.get() {
+            return Poll::Ready(());
+        }
+        *waker.borrow_mut() = Some(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+impl Drop for Sleep {
+    fn drop(&mut self) {
+        if let Some((h, _, _)) = &self.state {
+            h.cancel();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handle_cancel_drops_callback() {
+        let lp = EventLoop::selector().unwrap();
+        let flag = Rc::new(Cell::new(0));
+        let f = Rc::clone(&flag);
+        let h = lp.call_soon(move || f.set(1));
+        assert_eq!(Rc::strong_count(&flag), 2);
+        h.cancel();
+        assert_eq!(Rc::strong_count(&flag), 1);
+        lp.run_until_complete(async {}).unwrap();
+        assert_eq!(flag.get(), 0);
+        assert_eq!(lp.pending_counts().0, 0);
+    }
+}

@@ -1,0 +1,246 @@
+//! The selector backend: a readiness-based loop on epoll (through `polling`).
+//!
+//! The analog of asyncio's `SelectorEventLoop`: the loop asks the kernel which
+//! descriptors are *ready*, then does the non-blocking IO itself. Every
+//! descriptor is registered one-shot; a [`Source`] re-arms its interest each
+//! time a reader or writer has to wait, so a descriptor nobody waits on costs
+//! nothing per iteration.
+//!
+//! Choose it when io_uring is unavailable (old kernels, seccomp sandboxes,
+//! `kernel.io_uring_disabled`) or when readiness semantics are wanted.
+
+use std::cell::RefCell;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use polling::{Event, Events, Poller};
+use slab::Slab;
+
+use super::notify::Notifier;
+
+/// Key of the notifier eventfd in the poller.
+const NOTIFY_KEY: usize = usize::MAX - 1; // polling reserves usize::MAX
+
+#[derive(Default)]
+struct SourceState {
+    fd: RawFd,
+    reader: Option<Waker>,
+    writer: Option<Waker>,
+    read_ready: bool,
+    write_ready: bool,
+}
+
+struct Inner {
+    poller: Poller,
+    events: RefCell<Events>,
+    sources: RefCell<Slab<SourceState>>,
+    notify_fd: RawFd,
+}
+
+/// One loop's epoll instance and the sources registered with it.
+#[derive(Clone)]
+pub(crate) struct Selector {
+    inner: Rc<Inner>,
+}
+
+impl std::fmt::Debug for Selector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Selector")
+            .field("sources", &self.inner.sources.borrow().len())
+            .finish()
+    }
+}
+
+/// Direction of interest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Interest {
+    /// Wait until the descriptor is readable (or hung up).
+    Read,
+    /// Wait until the descriptor is writable (or in error).
+    Write,
+}
+
+impl Selector {
+    /// Creates the epoll instance and registers the loop's notifier on it.
+    pub(crate) fn new(notifier: &Notifier) -> io::Result<Selector> {
+        let poller = Poller::new().map_err(|e| {
+            io::Error::new(e.kind(), format!("cannot create an epoll instance: {e}"))
+        })?;
+        let notify_fd = notifier.as_raw_fd();
+        // SAFETY: the notifier lives in the loop's shared state, which outlives
+        // this selector; the registration is removed in `Drop for Inner`.
+        unsafe { poller.add(notify_fd, Event::readable(NOTIFY_KEY))? };
+        Ok(Selector {
+            inner: Rc::new(Inner {
+                poller,
+                events: RefCell::new(Events::new()),
+                sources: RefCell::new(Slab::new()),
+                notify_fd,
+            }),
+        })
+    }
+
+    /// Waits up to `timeout` (forever if `None`) and wakes every reader and
+    /// writer whose descriptor became ready.
+    pub(crate) fn poll(&self, timeout: Option<Duration>, notifier: &Notifier) -> io::Result<()> {
+        let mut events = self.inner.events.borrow_mut();
+        events.clear();
+        self.inner
+            .poller
+            .wait(&mut events, timeout)
+            .map_err(|e| io::Error::new(e.kind(), format!("epoll_wait failed: {e}")))?;
+        let mut wakers = Vec::new();
+        let mut woke = false;
+        {
+            let mut sources = self.inner.sources.borrow_mut();
+            for ev in events.iter() {
+                if ev.key == NOTIFY_KEY {
+                    woke = true;
+                    continue;
+                }
+                let Some(st) = sources.get_mut(ev.key) else {
+                    continue;
+                };
+                // Hang-up and error show as readable and writable in polling.
+                if ev.readable {
+                    st.read_ready = true;
+                    wakers.extend(st.reader.take());
+                }
+                if ev.writable {
+                    st.write_ready = true;
+                    wakers.extend(st.writer.take());
+                }
+                // One-shot disarmed the whole descriptor: re-arm for whoever
+                // is still waiting.
+                if st.reader.is_some() || st.writer.is_some() {
+                    let interest = interest_of(ev.key, st);
+                    // SAFETY: the fd is registered and open while its Source lives.
+                    let fd = unsafe { BorrowedFd::borrow_raw(st.fd) };
+                    let _ = self.inner.poller.modify(fd, interest);
+                }
+            }
+        }
+        drop(events);
+        if woke {
+            notifier.reset();
+            // SAFETY: the notifier fd is open for the loop's lifetime.
+            let fd = unsafe { BorrowedFd::borrow_raw(self.inner.notify_fd) };
+            self.inner
+                .poller
+                .modify(fd, Event::readable(NOTIFY_KEY))
+                .map_err(|e| {
+                    io::Error::new(e.kind(), format!("cannot re-arm the wake-up fd: {e}"))
+                })?;
+        }
+        for w in wakers {
+            w.wake();
+        }
+        Ok(())
+    }
+
+    /// Registers `fd` (with no interest yet).
+    ///
+    /// # Safety
+    ///
+    /// `fd` must stay open until the returned [`Source`] is dropped.
+    pub(crate) unsafe fn register(&self, fd: RawFd) -> io::Result<Source> {
+        let key = self.inner.sources.borrow_mut().insert(SourceState {
+            fd,
+            ..SourceState::default()
+        });
+        // SAFETY: forwarded from this function's contract.
+        if let Err(e) = unsafe { self.inner.poller.add(fd, Event::none(key)) } {
+            self.inner.sources.borrow_mut().remove(key);
+            return Err(io::Error::new(
+                e.kind(),
+                format!("cannot register fd {fd} with epoll: {e}"),
+            ));
+        }
+        Ok(Source {
+            selector: self.clone(),
+            key,
+        })
+    }
+}
+
+fn interest_of(key: usize, st: &SourceState) -> Event {
+    let mut ev = Event::none(key);
+    ev.readable = st.reader.is_some();
+    ev.writable = st.writer.is_some();
+    ev
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // SAFETY: the notifier fd is still open: the loop's shared state is
+        // dropped after its backend.
+        let fd = unsafe { BorrowedFd::borrow_raw(self.notify_fd) };
+        let _ = self.poller.delete(fd);
+    }
+}
+
+/// A descriptor registered with a selector loop.
+pub(crate) struct Source {
+    selector: Selector,
+    key: usize,
+}
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Source").field("key", &self.key).finish()
+    }
+}
+
+impl Source {
+    /// Ready if an event in direction `dir` arrived since the last time this
+    /// returned ready; otherwise arms interest and stores the waker.
+    pub(crate) fn poll_ready(&self, cx: &mut Context<'_>, dir: Interest) -> Poll<io::Result<()>> {
+        let mut sources = self.selector.inner.sources.borrow_mut();
+        let Some(st) = sources.get_mut(self.key) else {
+            return Poll::Ready(Err(io::Error::other("source is no longer registered")));
+        };
+        let (ready, slot) = match dir {
+            Interest::Read => (&mut st.read_ready, &mut st.reader),
+            Interest::Write => (&mut st.write_ready, &mut st.writer),
+        };
+        if std::mem::take(ready) {
+            return Poll::Ready(Ok(()));
+        }
+        let was_waiting = slot.is_some();
+        *slot = Some(cx.waker().clone());
+        if !was_waiting {
+            let interest = interest_of(self.key, st);
+            // SAFETY: the fd is open while this Source lives (register's contract).
+            let fd = unsafe { BorrowedFd::borrow_raw(st.fd) };
+            if let Err(e) = self.selector.inner.poller.modify(fd, interest) {
+                return Poll::Ready(Err(io::Error::new(
+                    e.kind(),
+                    format!("cannot arm epoll interest: {e}"),
+                )));
+            }
+        }
+        Poll::Pending
+    }
+
+    /// Forgets a readiness seen earlier (after an IO call said EAGAIN).
+    pub(crate) fn clear_ready(&self, dir: Interest) {
+        if let Some(st) = self.selector.inner.sources.borrow_mut().get_mut(self.key) {
+            match dir {
+                Interest::Read => st.read_ready = false,
+                Interest::Write => st.write_ready = false,
+            }
+        }
+    }
+}
+
+impl Drop for Source {
+    fn drop(&mut self) {
+        let st = self.selector.inner.sources.borrow_mut().remove(self.key);
+        // SAFETY: the fd is still open (register's contract).
+        let fd = unsafe { BorrowedFd::borrow_raw(st.fd) };
+        let _ = self.selector.inner.poller.delete(fd);
+    }
+}

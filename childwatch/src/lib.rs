@@ -1,0 +1,38 @@
+//! # childwatch
+//!
+//! asyncio's process-watching system, in Rust: an **event-loop policy**, a
+//! **proactor** event loop (io_uring) beside a **selector** event loop
+//! (epoll), **child watchers** with asyncio's contract, and **subprocesses**
+//! on top.
+//!
+//! ```
+//! use std::time::Duration;
+//!
+//! let lp = childwatch::new_event_loop()?;      // proactor where io_uring works
+//! let out = lp.run_until_complete(async {
+//!     childwatch::sleep(Duration::from_millis(5)).await;
+//!     "done"
+//! })?;
+//! assert_eq!(out, "done");
+//! lp.close()?;
+//! # Ok::<(), std::io::Error>(())
+//! ```
+//!
+//! Every fallible call returns [`std::io::Result`] with a message that says
+//! what to do; the library does not panic on bad input or failing syscalls.
+#![warn(missing_docs)]
+#![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod event_loop;
+pub mod policy;
+pub mod watcher;
+
+pub use event_loop::{
+    EventLoop, Handle, LoopHandle, LoopKind, Sleep, Task, get_running_loop, sleep,
+};
+pub use policy::{
+    DefaultEventLoopPolicy, EventLoopPolicy, ProactorEventLoopPolicy, SelectorEventLoopPolicy,
+    get_child_watcher, get_event_loop, get_event_loop_policy, new_event_loop, proactor_supported,
+    set_child_watcher, set_event_loop, set_event_loop_policy,
+};
+pub use watcher::{ChildCallback, ChildWatcher, Pid, ReturnCode};

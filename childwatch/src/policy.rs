@@ -1,0 +1,284 @@
+//! Event-loop policies: which loop a thread gets, and the child watcher.
+//!
+//! asyncio's policy layer. A policy owns, per thread, the loop that
+//! [`get_event_loop`] returns (created on first use), and one process-wide
+//! child watcher. Three policies differ only in the loop kind they create:
+//!
+//! * [`DefaultEventLoopPolicy`] — the proactor where io_uring works (probed
+//!   once per process), else the selector;
+//! * [`ProactorEventLoopPolicy`] — always the proactor (the analog of
+//!   asyncio's `WindowsProactorEventLoopPolicy`);
+//! * [`SelectorEventLoopPolicy`] — always the selector.
+//!
+//! As in asyncio, `set_event_loop` on the main thread attaches the policy's
+//! watcher to that loop, and a thread that explicitly set `None` gets an
+//! error from `get_event_loop` instead of a fresh loop.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::fmt;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+
+use crate::event_loop::{EventLoop, LoopKind, get_running_loop};
+use crate::watcher::{ChildWatcher, default_watcher};
+
+/// asyncio's `AbstractEventLoopPolicy`.
+pub trait EventLoopPolicy: Send + Sync {
+    /// This thread's loop, created on first use.
+    fn get_event_loop(&self) -> io::Result<EventLoop>;
+    /// Sets (or with `None` clears) this thread's loop.
+    fn set_event_loop(&self, lp: Option<EventLoop>);
+    /// A new loop of this policy's kind (not made current).
+    fn new_event_loop(&self) -> io::Result<EventLoop>;
+    /// The process-wide child watcher, created lazily (Uring where the kernel
+    /// supports it, else Pidfd, else Threaded).
+    fn get_child_watcher(&self) -> Arc<dyn ChildWatcher>;
+    /// Replaces the child watcher; the old one is closed.
+    fn set_child_watcher(&self, w: Option<Arc<dyn ChildWatcher>>);
+}
+
+/// Whether io_uring works here (probed once per process).
+pub fn proactor_supported() -> bool {
+    static PROBE: OnceLock<bool> = OnceLock::new();
+    *PROBE.get_or_init(|| match EventLoop::proactor() {
+        Ok(lp) => {
+            let _ = lp.close();
+            true
+        }
+        Err(e) => {
+            tracing::info!("io_uring unavailable, the default policy uses the selector loop: {e}");
+            false
+        }
+    })
+}
+
+#[derive(Default)]
+struct LocalState {
+    lp: Option<EventLoop>,
+    set_called: bool,
+}
+
+thread_local! {
+    static LOCAL: RefCell<HashMap<u64, LocalState>> = RefCell::new(HashMap::new());
+}
+
+/// Whether the calling thread is the process's main thread.
+fn is_main_thread() -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        rustix::thread::gettid() == rustix::process::getpid()
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        std::thread::current().name() == Some("main")
+    }
+}
+
+/// What the three policies share; they differ in `kind`.
+struct PolicyCore {
+    id: u64,
+    kind: Option<LoopKind>,
+    watcher: Mutex<Option<Arc<dyn ChildWatcher>>>,
+}
+
+impl PolicyCore {
+    fn new(kind: Option<LoopKind>) -> PolicyCore {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        PolicyCore {
+            id: NEXT.fetch_add(1, Ordering::Relaxed),
+            kind,
+            watcher: Mutex::new(None),
+        }
+    }
+
+    fn kind(&self) -> LoopKind {
+        self.kind.unwrap_or_else(|| {
+            if proactor_supported() {
+                LoopKind::Proactor
+            } else {
+                LoopKind::Selector
+            }
+        })
+    }
+
+    fn get_event_loop(&self) -> io::Result<EventLoop> {
+        let existing = LOCAL.with(|l| {
+            let l = l.borrow();
+            l.get(&self.id).map(|s| (s.lp.clone(), s.set_called))
+        });
+        match existing {
+            Some((Some(lp), _)) => Ok(lp),
+            Some((None, true)) => Err(io::Error::other(
+                "there is no current event loop in this thread (set_event_loop(None) was \
+                 called); call set_event_loop(Some(new_event_loop()?)) first",
+            )),
+            _ => {
+                let lp = self.new_event_loop()?;
+                self.set_event_loop(Some(lp.clone()));
+                Ok(lp)
+            }
+        }
+    }
+
+    fn set_event_loop(&self, lp: Option<EventLoop>) {
+        LOCAL.with(|l| {
+            let mut l = l.borrow_mut();
+            let st = l.entry(self.id).or_default();
+            st.lp = lp.clone();
+            st.set_called = true;
+        });
+        if is_main_thread() {
+            let w = self.lock_watcher().clone();
+            if let Some(w) = w {
+                w.attach_loop(lp.as_ref());
+            }
+        }
+    }
+
+    fn new_event_loop(&self) -> io::Result<EventLoop> {
+        EventLoop::new(self.kind())
+    }
+
+    fn lock_watcher(&self) -> std::sync::MutexGuard<'_, Option<Arc<dyn ChildWatcher>>> {
+        self.watcher.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn get_child_watcher(&self) -> Arc<dyn ChildWatcher> {
+        let mut slot = self.lock_watcher();
+        if let Some(w) = slot.as_ref() {
+            return Arc::clone(w);
+        }
+        let w = default_watcher();
+        if is_main_thread() {
+            let lp = get_running_loop()
+                .or_else(|| LOCAL.with(|l| l.borrow().get(&self.id).and_then(|s| s.lp.clone())));
+            if let Some(lp) = lp {
+                w.attach_loop(Some(&lp));
+            }
+        }
+        *slot = Some(Arc::clone(&w));
+        w
+    }
+
+    fn set_child_watcher(&self, w: Option<Arc<dyn ChildWatcher>>) {
+        let old = std::mem::replace(&mut *self.lock_watcher(), w.clone());
+        if let Some(old) = old {
+            let same = w.as_ref().is_some_and(|n| Arc::ptr_eq(n, &old));
+            if !same {
+                old.close();
+            }
+        }
+    }
+}
+
+macro_rules! policy {
+    ($(#[$doc:meta])* $name:ident, $kind:expr) => {
+        $(#[$doc])*
+        pub struct $name {
+            core: PolicyCore,
+        }
+
+        impl $name {
+            /// A new policy with no loops and no watcher yet.
+            pub fn new() -> $name {
+                $name { core: PolicyCore::new($kind) }
+            }
+        }
+
+        impl Default for $name {
+            fn default() -> $name {
+                $name::new()
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.debug_struct(stringify!($name))
+                    .field("kind", &self.core.kind())
+                    .finish()
+            }
+        }
+
+        impl EventLoopPolicy for $name {
+            fn get_event_loop(&self) -> io::Result<EventLoop> {
+                self.core.get_event_loop()
+            }
+            fn set_event_loop(&self, lp: Option<EventLoop>) {
+                self.core.set_event_loop(lp)
+            }
+            fn new_event_loop(&self) -> io::Result<EventLoop> {
+                self.core.new_event_loop()
+            }
+            fn get_child_watcher(&self) -> Arc<dyn ChildWatcher> {
+                self.core.get_child_watcher()
+            }
+            fn set_child_watcher(&self, w: Option<Arc<dyn ChildWatcher>>) {
+                self.core.set_child_watcher(w)
+            }
+        }
+    };
+}
+
+policy!(
+    /// The proactor where io_uring works (probed once), else the selector.
+    DefaultEventLoopPolicy,
+    None
+);
+policy!(
+    /// Always the io_uring proactor loop: the analog of asyncio's
+    /// `WindowsProactorEventLoopPolicy`. `new_event_loop` errors with
+    /// `Unsupported` where io_uring is unavailable.
+    ProactorEventLoopPolicy,
+    Some(LoopKind::Proactor)
+);
+policy!(
+    /// Always the epoll selector loop.
+    SelectorEventLoopPolicy,
+    Some(LoopKind::Selector)
+);
+
+static POLICY: RwLock<Option<Arc<dyn EventLoopPolicy>>> = RwLock::new(None);
+
+/// The process's current policy (a [`DefaultEventLoopPolicy`] until one is set).
+pub fn get_event_loop_policy() -> Arc<dyn EventLoopPolicy> {
+    if let Some(p) = POLICY.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        return Arc::clone(p);
+    }
+    let mut w = POLICY.write().unwrap_or_else(|p| p.into_inner());
+    Arc::clone(w.get_or_insert_with(|| Arc::new(DefaultEventLoopPolicy::new())))
+}
+
+/// Sets the process's policy; `None` restores a fresh default policy.
+pub fn set_event_loop_policy(p: Option<Arc<dyn EventLoopPolicy>>) {
+    *POLICY.write().unwrap_or_else(|p| p.into_inner()) = p;
+}
+
+/// The running loop if there is one, else the policy's loop for this thread.
+pub fn get_event_loop() -> io::Result<EventLoop> {
+    match get_running_loop() {
+        Some(lp) => Ok(lp),
+        None => get_event_loop_policy().get_event_loop(),
+    }
+}
+
+/// Sets this thread's loop in the current policy.
+pub fn set_event_loop(lp: Option<EventLoop>) {
+    get_event_loop_policy().set_event_loop(lp)
+}
+
+/// A new loop from the current policy.
+pub fn new_event_loop() -> io::Result<EventLoop> {
+    get_event_loop_policy().new_event_loop()
+}
+
+/// The current policy's child watcher.
+pub fn get_child_watcher() -> Arc<dyn ChildWatcher> {
+    get_event_loop_policy().get_child_watcher()
+}
+
+/// Sets the current policy's child watcher (closing the old one).
+pub fn set_child_watcher(w: Option<Arc<dyn ChildWatcher>>) {
+    get_event_loop_policy().set_child_watcher(w)
+}
