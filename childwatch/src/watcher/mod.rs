@@ -8,6 +8,9 @@ use std::io;
 
 use crate::event_loop::EventLoop;
 
+pub(crate) mod registry;
+pub mod status;
+
 /// A process id.
 pub type Pid = i32;
 

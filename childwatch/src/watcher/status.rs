@@ -1,0 +1,148 @@
+//! Turning what the kernel says about a dead child into asyncio's returncode.
+//!
+//! asyncio's convention: the exit code for a normal exit, `-N` for a child
+//! killed by signal `N`, and 255 when the status was lost because something
+//! else reaped the child first (with a warning, never a hang). Stops and
+//! continues are not exits and give `None`.
+
+use std::io;
+
+use rustix::process::{Pid as RPid, WaitIdStatus, WaitOptions, WaitStatus, waitpid};
+
+use super::{Pid, ReturnCode};
+
+/// The returncode reported when a child's status was lost.
+pub const LOST_STATUS: ReturnCode = 255;
+
+/// Logs the lost status of `pid` and returns [`LOST_STATUS`].
+pub(crate) fn lost(pid: Pid) -> ReturnCode {
+    tracing::warn!(
+        "unknown child pid {pid} (already reaped by someone else?), reporting returncode 255"
+    );
+    LOST_STATUS
+}
+
+/// The returncode of a `waitpid` status; `None` for a stop or continue.
+pub(crate) fn from_wait_status(status: WaitStatus) -> Option<ReturnCode> {
+    if let Some(code) = status.exit_status() {
+        Some(code)
+    } else {
+        status.terminating_signal().map(|sig| -sig)
+    }
+}
+
+/// The returncode of a raw `waitpid` status word; `None` for a stop or continue.
+pub fn from_raw_wait_status(raw: i32) -> Option<ReturnCode> {
+    if libc::WIFEXITED(raw) {
+        Some(libc::WEXITSTATUS(raw))
+    } else if libc::WIFSIGNALED(raw) {
+        Some(-libc::WTERMSIG(raw))
+    } else {
+        None
+    }
+}
+
+/// The returncode of a `waitid` siginfo; `None` for a stop, trap or continue.
+pub(crate) fn from_waitid(status: &WaitIdStatus) -> Option<ReturnCode> {
+    if status.exited() {
+        status.exit_status()
+    } else if status.killed() || status.dumped() {
+        status.terminating_signal().map(|s| -s)
+    } else {
+        None
+    }
+}
+
+/// The returncode from a raw siginfo (`si_code`, `si_status`), as filled by
+/// io_uring's WAITID; `None` for a stop, trap or continue.
+pub fn from_siginfo(code: i32, status: i32) -> Option<ReturnCode> {
+    match code {
+        libc::CLD_EXITED => Some(status),
+        libc::CLD_KILLED | libc::CLD_DUMPED => Some(-status),
+        _ => None,
+    }
+}
+
+/// A rustix pid for a positive `pid` (rustix panics on negative raw pids).
+pub(crate) fn rpid(pid: Pid) -> io::Result<RPid> {
+    let invalid = || {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("invalid pid {pid}: a child pid is a positive number"),
+        )
+    };
+    if pid <= 0 {
+        return Err(invalid());
+    }
+    RPid::from_raw(pid).ok_or_else(invalid)
+}
+
+/// `waitpid(pid, WNOHANG)`: `Ok(None)` while the child runs (or only
+/// stopped/continued), `Ok(Some(rc))` once reaped, and 255 with a warning
+/// for a pid that is not (or no longer) our child.
+pub(crate) fn try_reap(pid: Pid) -> io::Result<Option<ReturnCode>> {
+    let p = rpid(pid)?;
+    loop {
+        match waitpid(Some(p), WaitOptions::NOHANG) {
+            Ok(None) => return Ok(None),
+            Ok(Some((_, st))) => match from_wait_status(st) {
+                Some(rc) => return Ok(Some(rc)),
+                // A stop or continue was reported; the child still lives.
+                None => return Ok(None),
+            },
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(rustix::io::Errno::CHILD) => return Ok(Some(lost(pid))),
+            Err(e) => return Err(io::Error::from(e)),
+        }
+    }
+}
+
+/// Blocking `waitpid(pid, 0)` until the child exits (stops and continues are
+/// skipped); 255 with a warning if it is not our child.
+pub(crate) fn reap_blocking(pid: Pid) -> ReturnCode {
+    let Ok(p) = rpid(pid) else {
+        return lost(pid);
+    };
+    loop {
+        match waitpid(Some(p), WaitOptions::empty()) {
+            Ok(Some((_, st))) => {
+                if let Some(rc) = from_wait_status(st) {
+                    return rc;
+                }
+            }
+            Ok(None) => {}
+            Err(rustix::io::Errno::INTR) => {}
+            Err(_) => return lost(pid),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn siginfo_codes() {
+        assert_eq!(from_siginfo(libc::CLD_EXITED, 7), Some(7));
+        assert_eq!(from_siginfo(libc::CLD_KILLED, 9), Some(-9));
+        assert_eq!(from_siginfo(libc::CLD_DUMPED, 11), Some(-11));
+        assert_eq!(from_siginfo(libc::CLD_STOPPED, 19), None);
+        assert_eq!(from_siginfo(libc::CLD_CONTINUED, 18), None);
+    }
+
+    #[test]
+    fn raw_wait_status() {
+        assert_eq!(from_raw_wait_status(3 << 8), Some(3));
+        assert_eq!(from_raw_wait_status(15), Some(-15));
+        assert_eq!(from_raw_wait_status(0x137f), None); // stopped by SIGSTOP
+    }
+
+    #[test]
+    fn bad_pid_is_an_error() {
+        assert_eq!(try_reap(0).unwrap_err().kind(), io::ErrorKind::InvalidInput);
+        assert_eq!(
+            try_reap(-5).unwrap_err().kind(),
+            io::ErrorKind::InvalidInput
+        );
+    }
+}
