@@ -3,7 +3,8 @@
 //! asyncio's process-watching system, in Rust: an **event-loop policy**, a
 //! **proactor** event loop (io_uring) beside a **selector** event loop
 //! (epoll), **child watchers** with asyncio's contract, and **subprocesses**
-//! on top.
+//! on top. On Windows the proactor is an I/O completion port loop and the
+//! default policy is asyncio's `WindowsProactorEventLoopPolicy`.
 //!
 //! ```
 //! use std::time::Duration;
@@ -35,4 +36,10 @@ pub use policy::{
     get_child_watcher, get_event_loop, get_event_loop_policy, new_event_loop, proactor_supported,
     set_child_watcher, set_event_loop, set_event_loop_policy,
 };
-pub use watcher::{ChildCallback, ChildWatcher, Pid, ReturnCode, ThreadedChildWatcher};
+#[cfg(windows)]
+pub use policy::{WindowsProactorEventLoopPolicy, WindowsSelectorEventLoopPolicy};
+#[cfg(unix)]
+pub use watcher::ThreadedChildWatcher;
+#[cfg(windows)]
+pub use watcher::WindowsChildWatcher;
+pub use watcher::{ChildCallback, ChildWatcher, Pid, ReturnCode};

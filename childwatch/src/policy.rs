@@ -13,6 +13,14 @@
 //! As in asyncio, `set_event_loop` on the main thread attaches the policy's
 //! watcher to that loop, and a thread that explicitly set `None` gets an
 //! error from `get_event_loop` instead of a fresh loop.
+//!
+//! On Windows the proactor is an I/O completion port loop, which always
+//! works, so the default policy *is* asyncio's (3.8+) default there:
+//! `WindowsProactorEventLoopPolicy` (an alias of [`ProactorEventLoopPolicy`]
+//! exported on Windows), with `WindowsSelectorEventLoopPolicy` (an alias of
+//! [`SelectorEventLoopPolicy`]) beside it. The child watcher is then the
+//! `WindowsChildWatcher`, and the main thread is the thread named `"main"`
+//! (Rust's name for it; Windows has no direct "main thread" query).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -39,7 +47,8 @@ pub trait EventLoopPolicy: Send + Sync {
     fn set_child_watcher(&self, w: Option<Arc<dyn ChildWatcher>>);
 }
 
-/// Whether io_uring works here (probed once per process).
+/// Whether the proactor loop works here: io_uring on Linux (probed once per
+/// process), the completion port on Windows.
 pub fn proactor_supported() -> bool {
     static PROBE: OnceLock<bool> = OnceLock::new();
     *PROBE.get_or_init(|| match EventLoop::proactor() {
@@ -227,17 +236,30 @@ policy!(
     None
 );
 policy!(
-    /// Always the io_uring proactor loop: the analog of asyncio's
-    /// `WindowsProactorEventLoopPolicy`. `new_event_loop` errors with
-    /// `Unsupported` where io_uring is unavailable.
+    /// Always the proactor loop: io_uring on Linux (`new_event_loop` errors
+    /// with `Unsupported` where io_uring is unavailable), the I/O completion
+    /// port on Windows, where it is asyncio's `WindowsProactorEventLoopPolicy`.
     ProactorEventLoopPolicy,
     Some(LoopKind::Proactor)
 );
 policy!(
-    /// Always the epoll selector loop.
+    /// Always the selector loop (epoll on Linux; on Windows `polling`'s
+    /// socket readiness, asyncio's `WindowsSelectorEventLoopPolicy`).
     SelectorEventLoopPolicy,
     Some(LoopKind::Selector)
 );
+
+/// asyncio's `WindowsProactorEventLoopPolicy` (the default on Windows since
+/// Python 3.8): loops on I/O completion ports. The same type as
+/// [`ProactorEventLoopPolicy`]; [`DefaultEventLoopPolicy`] creates the same
+/// loops on Windows.
+#[cfg(windows)]
+pub type WindowsProactorEventLoopPolicy = ProactorEventLoopPolicy;
+
+/// asyncio's `WindowsSelectorEventLoopPolicy`: readiness-based loops (no
+/// subprocesses). The same type as [`SelectorEventLoopPolicy`].
+#[cfg(windows)]
+pub type WindowsSelectorEventLoopPolicy = SelectorEventLoopPolicy;
 
 static POLICY: RwLock<Option<Arc<dyn EventLoopPolicy>>> = RwLock::new(None);
 

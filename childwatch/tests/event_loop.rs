@@ -1,6 +1,9 @@
 //! The event-loop suite, run on both loop kinds: callback and timer order,
 //! cancellation, stop/restart, tasks, cross-thread calls and wake-ups,
 //! signals, and every misuse the API must refuse without panicking.
+//!
+//! The same suite runs on Windows (under wine in CI): there the proactor is
+//! the completion-port loop, and signal handlers are refused as unsupported.
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -11,6 +14,7 @@ use std::time::{Duration, Instant};
 use childwatch::{EventLoop, LoopKind, get_running_loop, sleep};
 
 /// Signal tests share the process's signal dispositions: one at a time.
+#[cfg(unix)]
 static SIGNALS: Mutex<()> = Mutex::new(());
 
 fn new_loop(kind: LoopKind) -> EventLoop {
@@ -250,6 +254,13 @@ fn sleeping_loop_wakes_for_another_thread(kind: LoopKind) {
     assert!(got.get());
 }
 
+/// A signal number for calls that must fail before looking at it.
+#[cfg(unix)]
+const SOME_SIGNAL: i32 = libc::SIGUSR2;
+#[cfg(windows)]
+const SOME_SIGNAL: i32 = 2; // SIGINT
+
+#[cfg(unix)]
 fn signal_handler_runs_on_the_loop(kind: LoopKind) {
     let _g = SIGNALS.lock().unwrap_or_else(|p| p.into_inner());
     let lp = new_loop(kind);
@@ -278,11 +289,23 @@ fn signal_handler_runs_on_the_loop(kind: LoopKind) {
     assert!(!lp.remove_signal_handler(libc::SIGUSR1));
 }
 
+#[cfg(unix)]
 fn bad_signals_are_refused(kind: LoopKind) {
     let lp = new_loop(kind);
     for sig in [0, -1, 65, libc::SIGKILL, libc::SIGSTOP, libc::SIGSEGV] {
         let e = lp.add_signal_handler(sig, || {}).unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput, "signal {sig}");
+    }
+}
+
+/// asyncio raises NotImplementedError for signal handlers on Windows.
+#[cfg(windows)]
+fn signal_handlers_are_unsupported(kind: LoopKind) {
+    let lp = new_loop(kind);
+    for sig in [2, 15, 0, 99] {
+        let e = lp.add_signal_handler(sig, || {}).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::Unsupported, "signal {sig}");
+        assert!(!lp.remove_signal_handler(sig));
     }
 }
 
@@ -332,7 +355,7 @@ fn misuse_is_an_error_not_a_panic(kind: LoopKind) {
     assert!(lp.run_until_complete(async {}).is_err());
     assert!(lp.run_forever().is_err());
     assert!(h.call_soon_threadsafe(|| {}).is_err());
-    assert!(lp.add_signal_handler(libc::SIGUSR2, || {}).is_err());
+    assert!(lp.add_signal_handler(SOME_SIGNAL, || {}).is_err());
 }
 
 fn a_panicking_callback_does_not_wedge_the_loop(kind: LoopKind) {
@@ -378,12 +401,12 @@ fn loop_thread_affinity(kind: LoopKind) {
 }
 
 macro_rules! both_kinds {
-    ($($name:ident),* $(,)?) => {
+    ($($(#[$m:meta])* $name:ident),* $(,)?) => {
         mod proactor {
-            $(#[test] fn $name() { super::$name(childwatch::LoopKind::Proactor) })*
+            $($(#[$m])* #[test] fn $name() { super::$name(childwatch::LoopKind::Proactor) })*
         }
         mod selector {
-            $(#[test] fn $name() { super::$name(childwatch::LoopKind::Selector) })*
+            $($(#[$m])* #[test] fn $name() { super::$name(childwatch::LoopKind::Selector) })*
         }
     };
 }
@@ -399,8 +422,12 @@ both_kinds!(
     dropping_a_task_cancels_it,
     call_soon_threadsafe_from_8_threads_loses_nothing,
     sleeping_loop_wakes_for_another_thread,
+    #[cfg(unix)]
     signal_handler_runs_on_the_loop,
+    #[cfg(unix)]
     bad_signals_are_refused,
+    #[cfg(windows)]
+    signal_handlers_are_unsupported,
     misuse_is_an_error_not_a_panic,
     a_panicking_callback_does_not_wedge_the_loop,
     running_loop_is_visible_only_while_running,

@@ -14,17 +14,22 @@
 //!
 //! Everything but the backend is shared: the ready queue, the timer heap,
 //! tasks (on `async-task`), signals and the cross-thread queue. Backends are
-//! behind `cfg` seams so that another platform only brings its own.
+//! behind `cfg` seams so that another platform only brings its own: on
+//! Windows the proactor is an I/O completion port (`iocp.rs`) and the selector
+//! runs on `polling`'s Windows backend; signal handlers are Unix-only (as in
+//! asyncio, `add_signal_handler` is not supported on Windows).
 //!
 //! A panicking callback or task never wedges the loop: the panic is caught,
 //! reported through `tracing` (as asyncio's default exception handler logs),
 //! and the loop goes on; a task's panic is re-raised where the task is
 //! awaited.
 
+#[cfg(windows)]
+pub(crate) mod iocp;
 mod notify;
 #[cfg(target_os = "linux")]
 pub(crate) mod proactor;
-#[cfg(unix)]
+#[cfg(any(unix, windows))]
 pub(crate) mod selector;
 mod signals;
 mod timers;
@@ -247,7 +252,9 @@ fn thread_id() -> u64 {
 enum Backend {
     #[cfg(target_os = "linux")]
     Proactor(proactor::Proactor),
-    #[cfg(unix)]
+    #[cfg(windows)]
+    Iocp(iocp::Iocp),
+    #[cfg(any(unix, windows))]
     Selector(selector::Selector),
 }
 
@@ -256,7 +263,9 @@ impl Backend {
         match self {
             #[cfg(target_os = "linux")]
             Backend::Proactor(p) => p.poll(timeout, notifier),
-            #[cfg(unix)]
+            #[cfg(windows)]
+            Backend::Iocp(p) => p.poll(timeout, notifier),
+            #[cfg(any(unix, windows))]
             Backend::Selector(s) => s.poll(timeout, notifier),
         }
     }
@@ -265,7 +274,9 @@ impl Backend {
         match self {
             #[cfg(target_os = "linux")]
             Backend::Proactor(p) => p.shutdown(),
-            #[cfg(unix)]
+            #[cfg(windows)]
+            Backend::Iocp(p) => p.shutdown(),
+            #[cfg(any(unix, windows))]
             Backend::Selector(_) => {}
         }
     }
@@ -368,8 +379,9 @@ impl EventLoop {
         })
     }
 
-    /// A completion-based loop on io_uring. `ErrorKind::Unsupported` where
-    /// the kernel has no (usable) io_uring.
+    /// A completion-based loop: io_uring on Linux (`ErrorKind::Unsupported`
+    /// where the kernel has no usable io_uring), an I/O completion port on
+    /// Windows (asyncio's `ProactorEventLoop`).
     pub fn proactor() -> io::Result<EventLoop> {
         #[cfg(target_os = "linux")]
         {
@@ -377,7 +389,13 @@ impl EventLoop {
                 proactor::Proactor::new().map(Backend::Proactor)
             })
         }
-        #[cfg(not(target_os = "linux"))]
+        #[cfg(windows)]
+        {
+            EventLoop::with_backend(LoopKind::Proactor, |n| {
+                iocp::Iocp::new(n).map(Backend::Iocp)
+            })
+        }
+        #[cfg(not(any(target_os = "linux", windows)))]
         {
             Err(io::Error::new(
                 io::ErrorKind::Unsupported,
@@ -386,7 +404,9 @@ impl EventLoop {
         }
     }
 
-    /// A readiness-based loop on epoll.
+    /// A readiness-based loop: epoll on Linux; on Windows `polling`'s
+    /// IOCP-based readiness (asyncio's `SelectorEventLoop` there: callbacks,
+    /// timers, tasks and sockets, but no subprocesses).
     pub fn selector() -> io::Result<EventLoop> {
         EventLoop::with_backend(LoopKind::Selector, |n| {
             selector::Selector::new(n).map(Backend::Selector)
@@ -552,6 +572,9 @@ impl EventLoop {
     /// Calls `f` on this loop's thread each time signal `sig` arrives
     /// (replacing an earlier handler for `sig`). Other handlers for `sig` in
     /// the process keep working.
+    ///
+    /// On Windows this is `ErrorKind::Unsupported`, as asyncio raises
+    /// `NotImplementedError` there.
     pub fn add_signal_handler(&self, sig: i32, f: impl FnMut() + 'static) -> io::Result<()> {
         if self.is_closed() {
             return Err(io::Error::other(
@@ -569,6 +592,39 @@ impl EventLoop {
         self.inner.signals.borrow_mut().remove(sig)
     }
 
+    /// Completes with `Ok(true)` when `handle` is signalled (a process handle
+    /// is signalled when the process exits) or `Ok(false)` when `timeout`
+    /// elapses: asyncio's `IocpProactor.wait_for_handle`. The wait runs on
+    /// the OS thread pool (`RegisterWaitForSingleObject`) and its completion
+    /// is posted to this loop's completion port, so no thread of ours waits.
+    ///
+    /// Windows only, on a proactor loop (`ErrorKind::Unsupported` on a
+    /// selector loop). The handle is borrowed until the future completes or
+    /// is dropped; dropping it unregisters the wait.
+    #[cfg(windows)]
+    pub fn wait_for_handle<'a>(
+        &self,
+        handle: std::os::windows::io::BorrowedHandle<'a>,
+        timeout: Option<Duration>,
+    ) -> impl Future<Output = io::Result<bool>> + 'a {
+        use std::os::windows::io::AsRawHandle;
+        let lp = self.clone();
+        async move {
+            let Some(p) = lp.iocp_backend() else {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "wait_for_handle needs a proactor (completion port) loop; \
+                     create it with EventLoop::proactor()",
+                ));
+            };
+            // SAFETY: `handle` is borrowed for as long as this future lives,
+            // and dropping the future unregisters the wait.
+            let op = unsafe { p.wait_for_handle(handle.as_raw_handle(), timeout)? };
+            let (res, ()) = op.await;
+            res.map(|timed_out| timed_out == 0)
+        }
+    }
+
     // ------------------------------------------------------------ internals
 
     /// The io_uring backend, for operations that want completions.
@@ -576,6 +632,16 @@ impl EventLoop {
     pub(crate) fn proactor_backend(&self) -> Option<&proactor::Proactor> {
         match &self.inner.backend {
             Backend::Proactor(p) => Some(p),
+            #[allow(unreachable_patterns)]
+            _ => None,
+        }
+    }
+
+    /// The completion-port backend, for operations that want completions.
+    #[cfg(windows)]
+    pub(crate) fn iocp_backend(&self) -> Option<&iocp::Iocp> {
+        match &self.inner.backend {
+            Backend::Iocp(p) => Some(p),
             #[allow(unreachable_patterns)]
             _ => None,
         }

@@ -8,11 +8,21 @@
 //!
 //! Choose it when io_uring is unavailable (old kernels, seccomp sandboxes,
 //! `kernel.io_uring_disabled`) or when readiness semantics are wanted.
+//!
+//! On Windows `polling` emulates readiness for sockets on an I/O completion
+//! port (AFD polling), and the loop is woken with `Poller::notify` instead of
+//! an eventfd: the selector loop runs callbacks, timers, tasks and sockets
+//! there, as asyncio's `WindowsSelectorEventLoopPolicy` does (no pipes, no
+//! subprocesses: use the proactor).
 
 use std::cell::RefCell;
 use std::io;
+#[cfg(unix)]
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+#[cfg(windows)]
+use std::os::windows::io::{BorrowedSocket, RawSocket};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -21,12 +31,36 @@ use slab::Slab;
 
 use super::notify::Notifier;
 
+/// What a source is: a descriptor on Unix, a socket on Windows.
+#[cfg(unix)]
+pub(crate) type RawSource = RawFd;
+/// What a source is: a descriptor on Unix, a socket on Windows.
+#[cfg(windows)]
+pub(crate) type RawSource = RawSocket;
+
+/// # Safety
+/// `raw` must be open for as long as the result is used.
+#[cfg(unix)]
+unsafe fn borrow_raw(raw: RawSource) -> BorrowedFd<'static> {
+    // SAFETY: forwarded from the caller.
+    unsafe { BorrowedFd::borrow_raw(raw) }
+}
+
+/// # Safety
+/// `raw` must be open for as long as the result is used.
+#[cfg(windows)]
+unsafe fn borrow_raw(raw: RawSource) -> BorrowedSocket<'static> {
+    // SAFETY: forwarded from the caller.
+    unsafe { BorrowedSocket::borrow_raw(raw) }
+}
+
 /// Key of the notifier eventfd in the poller.
+#[cfg(unix)]
 const NOTIFY_KEY: usize = usize::MAX - 1; // polling reserves usize::MAX
 
 #[derive(Default)]
 struct SourceState {
-    fd: RawFd,
+    fd: RawSource,
     reader: Option<Waker>,
     writer: Option<Waker>,
     read_ready: bool,
@@ -34,9 +68,10 @@ struct SourceState {
 }
 
 struct Inner {
-    poller: Poller,
+    poller: Arc<Poller>,
     events: RefCell<Events>,
     sources: RefCell<Slab<SourceState>>,
+    #[cfg(unix)]
     notify_fd: RawFd,
 }
 
@@ -55,6 +90,7 @@ impl std::fmt::Debug for Selector {
 }
 
 /// Direction of interest.
+#[cfg_attr(windows, allow(dead_code))] // no socket API uses it on Windows yet
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Interest {
     /// Wait until the descriptor is readable (or hung up).
@@ -66,10 +102,28 @@ pub(crate) enum Interest {
 impl Selector {
     /// Creates the epoll instance and registers the loop's notifier on it.
     pub(crate) fn new(notifier: &Notifier) -> io::Result<Selector> {
-        let poller = Poller::new().map_err(|e| {
+        let poller = Arc::new(Poller::new().map_err(|e| {
             io::Error::new(e.kind(), format!("cannot create an epoll instance: {e}"))
-        })?;
-        let notify_fd = notifier.as_raw_fd();
+        })?);
+        #[cfg(windows)]
+        {
+            notifier.set_target(super::notify::WakeTarget::Poller(Arc::clone(&poller)));
+            Ok(Selector {
+                inner: Rc::new(Inner {
+                    poller,
+                    events: RefCell::new(Events::new()),
+                    sources: RefCell::new(Slab::new()),
+                }),
+            })
+        }
+        #[cfg(unix)]
+        {
+            Selector::with_notify_fd(poller, notifier.as_raw_fd())
+        }
+    }
+
+    #[cfg(unix)]
+    fn with_notify_fd(poller: Arc<Poller>, notify_fd: RawFd) -> io::Result<Selector> {
         // SAFETY: the notifier lives in the loop's shared state, which outlives
         // this selector; the registration is removed in `Drop for Inner`.
         unsafe { poller.add(notify_fd, Event::readable(NOTIFY_KEY))? };
@@ -93,10 +147,16 @@ impl Selector {
             .wait(&mut events, timeout)
             .map_err(|e| io::Error::new(e.kind(), format!("epoll_wait failed: {e}")))?;
         let mut wakers = Vec::new();
+        // `Poller::notify` shows as no event at all on Windows: re-open the
+        // notifier after every wait (anything queued before is seen next).
+        #[cfg(windows)]
+        notifier.reset();
+        #[cfg(unix)]
         let mut woke = false;
         {
             let mut sources = self.inner.sources.borrow_mut();
             for ev in events.iter() {
+                #[cfg(unix)]
                 if ev.key == NOTIFY_KEY {
                     woke = true;
                     continue;
@@ -118,12 +178,13 @@ impl Selector {
                 if st.reader.is_some() || st.writer.is_some() {
                     let interest = interest_of(ev.key, st);
                     // SAFETY: the fd is registered and open while its Source lives.
-                    let fd = unsafe { BorrowedFd::borrow_raw(st.fd) };
+                    let fd = unsafe { borrow_raw(st.fd) };
                     let _ = self.inner.poller.modify(fd, interest);
                 }
             }
         }
         drop(events);
+        #[cfg(unix)]
         if woke {
             notifier.reset();
             // SAFETY: the notifier fd is open for the loop's lifetime.
@@ -141,12 +202,13 @@ impl Selector {
         Ok(())
     }
 
-    /// Registers `fd` (with no interest yet).
+    /// Registers `fd` (a socket on Windows) with no interest yet.
     ///
     /// # Safety
     ///
     /// `fd` must stay open until the returned [`Source`] is dropped.
-    pub(crate) unsafe fn register(&self, fd: RawFd) -> io::Result<Source> {
+    #[cfg_attr(windows, allow(dead_code))] // no socket API uses it on Windows yet
+    pub(crate) unsafe fn register(&self, fd: RawSource) -> io::Result<Source> {
         let key = self.inner.sources.borrow_mut().insert(SourceState {
             fd,
             ..SourceState::default()
@@ -173,6 +235,7 @@ fn interest_of(key: usize, st: &SourceState) -> Event {
     ev
 }
 
+#[cfg(unix)]
 impl Drop for Inner {
     fn drop(&mut self) {
         // SAFETY: the notifier fd is still open: the loop's shared state is
@@ -183,6 +246,7 @@ impl Drop for Inner {
 }
 
 /// A descriptor registered with a selector loop.
+#[cfg_attr(windows, allow(dead_code))] // no socket API uses it on Windows yet
 pub(crate) struct Source {
     selector: Selector,
     key: usize,
@@ -194,6 +258,7 @@ impl std::fmt::Debug for Source {
     }
 }
 
+#[cfg_attr(windows, allow(dead_code))] // no socket API uses it on Windows yet
 impl Source {
     /// Ready if an event in direction `dir` arrived since the last time this
     /// returned ready; otherwise arms interest and stores the waker.
@@ -214,7 +279,7 @@ impl Source {
         if !was_waiting {
             let interest = interest_of(self.key, st);
             // SAFETY: the fd is open while this Source lives (register's contract).
-            let fd = unsafe { BorrowedFd::borrow_raw(st.fd) };
+            let fd = unsafe { borrow_raw(st.fd) };
             if let Err(e) = self.selector.inner.poller.modify(fd, interest) {
                 return Poll::Ready(Err(io::Error::new(
                     e.kind(),
@@ -240,7 +305,7 @@ impl Drop for Source {
     fn drop(&mut self) {
         let st = self.selector.inner.sources.borrow_mut().remove(self.key);
         // SAFETY: the fd is still open (register's contract).
-        let fd = unsafe { BorrowedFd::borrow_raw(st.fd) };
+        let fd = unsafe { borrow_raw(st.fd) };
         let _ = self.selector.inner.poller.delete(fd);
     }
 }

@@ -1,5 +1,8 @@
 //! `add_signal_handler` / `remove_signal_handler`.
 //!
+//! Unix only: on Windows every `add` is `ErrorKind::Unsupported`, as asyncio
+//! raises `NotImplementedError` there (see the `cfg(windows)` part at the end).
+//!
 //! Signals are received through `signal-hook-registry`, which chains with any
 //! other handler in the process instead of replacing it. The low-level action
 //! only sets a bit in the loop's pending mask and writes the loop's eventfd
@@ -12,32 +15,39 @@
 //! the signal: this is that crate's documented behaviour.
 
 use std::cell::RefCell;
+#[cfg(unix)]
 use std::collections::HashMap;
 use std::io;
 use std::rc::Rc;
 use std::sync::Arc;
+#[cfg(unix)]
 use std::sync::atomic::Ordering;
 
+#[cfg(unix)]
 use signal_hook_registry::SigId;
 
 use super::Shared;
 
 /// The highest signal number a handler can be installed for.
+#[cfg(unix)]
 const MAX_SIGNAL: i32 = 64;
 
 type Callback = Rc<RefCell<Box<dyn FnMut()>>>;
 
+#[cfg(unix)]
 struct Registered {
     id: SigId,
     callback: Callback,
 }
 
 /// The signal handlers of one loop.
+#[cfg(unix)]
 #[derive(Default)]
 pub(crate) struct SignalHandlers {
     map: HashMap<i32, Registered>,
 }
 
+#[cfg(unix)]
 fn check_signal(sig: i32) -> io::Result<()> {
     if !(1..=MAX_SIGNAL).contains(&sig) {
         return Err(io::Error::new(
@@ -60,6 +70,7 @@ fn check_signal(sig: i32) -> io::Result<()> {
     Ok(())
 }
 
+#[cfg(unix)]
 impl SignalHandlers {
     /// Installs (or replaces) the handler for `sig`.
     pub(crate) fn add(
@@ -129,5 +140,45 @@ impl SignalHandlers {
     /// Whether any handler is installed.
     pub(crate) fn is_empty(&self) -> bool {
         self.map.is_empty()
+    }
+}
+
+/// Windows: no handlers can be installed (asyncio's `NotImplementedError`).
+#[cfg(windows)]
+#[derive(Default)]
+pub(crate) struct SignalHandlers;
+
+#[cfg(windows)]
+impl SignalHandlers {
+    /// Always `ErrorKind::Unsupported`.
+    pub(crate) fn add(
+        &mut self,
+        _shared: &Arc<Shared>,
+        sig: i32,
+        _f: Box<dyn FnMut()>,
+    ) -> io::Result<()> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!(
+                "add_signal_handler({sig}) is not supported on Windows (as in asyncio); \
+                 use a console control handler or another IPC mechanism"
+            ),
+        ))
+    }
+
+    /// Nothing is ever installed.
+    pub(crate) fn remove(&mut self, _sig: i32) -> bool {
+        false
+    }
+
+    /// Nothing to clear.
+    pub(crate) fn clear(&mut self) {}
+
+    /// No signal is ever pending.
+    pub(crate) fn collect(&self, _pending: u64, _out: &mut impl FnMut(Callback)) {}
+
+    /// Always empty.
+    pub(crate) fn is_empty(&self) -> bool {
+        true
     }
 }

@@ -10,9 +10,15 @@ use crate::event_loop::EventLoop;
 
 pub(crate) mod registry;
 pub mod status;
+#[cfg(unix)]
 mod threaded;
+#[cfg(windows)]
+mod windows;
 
+#[cfg(unix)]
 pub use threaded::ThreadedChildWatcher;
+#[cfg(windows)]
+pub use windows::WindowsChildWatcher;
 
 /// A process id.
 pub type Pid = i32;
@@ -66,7 +72,18 @@ impl ChildWatcher for PlaceholderChildWatcher {
 }
 
 /// The policy's default watcher (Uring, else Pidfd, else Threaded; for now
+/// Threaded until the others land). On Windows: [`WindowsChildWatcher`].
+#[cfg(windows)]
+pub(crate) fn default_watcher() -> std::sync::Arc<dyn ChildWatcher> {
+    match WindowsChildWatcher::new() {
+        Ok(w) => std::sync::Arc::new(w),
+        Err(_) => std::sync::Arc::new(PlaceholderChildWatcher),
+    }
+}
+
+/// The policy's default watcher (Uring, else Pidfd, else Threaded; for now
 /// Threaded until the others land).
+#[cfg(unix)]
 pub(crate) fn default_watcher() -> std::sync::Arc<dyn ChildWatcher> {
     match ThreadedChildWatcher::new() {
         Ok(w) => std::sync::Arc::new(w),

@@ -4,9 +4,14 @@
 //! killed by signal `N`, and 255 when the status was lost because something
 //! else reaped the child first (with a warning, never a hang). Stops and
 //! continues are not exits and give `None`.
+//!
+//! On Windows only [`LOST_STATUS`] applies: a process's returncode there is
+//! its exit code (`GetExitCodeProcess`), which needs no decoding.
 
+#[cfg(unix)]
 use std::io;
 
+#[cfg(unix)]
 use rustix::process::{Pid as RPid, WaitIdStatus, WaitOptions, WaitStatus, waitpid};
 
 use super::{Pid, ReturnCode};
@@ -22,6 +27,7 @@ pub(crate) fn lost(pid: Pid) -> ReturnCode {
     LOST_STATUS
 }
 
+#[cfg(unix)]
 /// The returncode of a `waitpid` status; `None` for a stop or continue.
 pub(crate) fn from_wait_status(status: WaitStatus) -> Option<ReturnCode> {
     if let Some(code) = status.exit_status() {
@@ -31,6 +37,7 @@ pub(crate) fn from_wait_status(status: WaitStatus) -> Option<ReturnCode> {
     }
 }
 
+#[cfg(unix)]
 /// The returncode of a raw `waitpid` status word; `None` for a stop or continue.
 pub fn from_raw_wait_status(raw: i32) -> Option<ReturnCode> {
     if libc::WIFEXITED(raw) {
@@ -42,6 +49,7 @@ pub fn from_raw_wait_status(raw: i32) -> Option<ReturnCode> {
     }
 }
 
+#[cfg(unix)]
 /// The returncode of a `waitid` siginfo; `None` for a stop, trap or continue.
 pub(crate) fn from_waitid(status: &WaitIdStatus) -> Option<ReturnCode> {
     if status.exited() {
@@ -53,6 +61,7 @@ pub(crate) fn from_waitid(status: &WaitIdStatus) -> Option<ReturnCode> {
     }
 }
 
+#[cfg(unix)]
 /// The returncode from a raw siginfo (`si_code`, `si_status`), as filled by
 /// io_uring's WAITID; `None` for a stop, trap or continue.
 pub fn from_siginfo(code: i32, status: i32) -> Option<ReturnCode> {
@@ -63,6 +72,7 @@ pub fn from_siginfo(code: i32, status: i32) -> Option<ReturnCode> {
     }
 }
 
+#[cfg(unix)]
 /// A rustix pid for a positive `pid` (rustix panics on negative raw pids).
 pub(crate) fn rpid(pid: Pid) -> io::Result<RPid> {
     let invalid = || {
@@ -77,6 +87,7 @@ pub(crate) fn rpid(pid: Pid) -> io::Result<RPid> {
     RPid::from_raw(pid).ok_or_else(invalid)
 }
 
+#[cfg(unix)]
 /// `waitpid(pid, WNOHANG)`: `Ok(None)` while the child runs (or only
 /// stopped/continued), `Ok(Some(rc))` once reaped, and 255 with a warning
 /// for a pid that is not (or no longer) our child.
@@ -97,6 +108,7 @@ pub(crate) fn try_reap(pid: Pid) -> io::Result<Option<ReturnCode>> {
     }
 }
 
+#[cfg(unix)]
 /// Blocking `waitpid(pid, 0)` until the child exits (stops and continues are
 /// skipped); 255 with a warning if it is not our child.
 pub(crate) fn reap_blocking(pid: Pid) -> ReturnCode {
@@ -117,6 +129,7 @@ pub(crate) fn reap_blocking(pid: Pid) -> ReturnCode {
     }
 }
 
+#[cfg(unix)]
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,348 @@
+//! Windows only (run under wine in CI): the policies' Windows names, the
+//! completion-port loop's `wait_for_handle`, and the `WindowsChildWatcher`
+//! with real `cmd.exe` children — exit codes, no loop needed, unknown pids,
+//! remove/close, and no process handle left behind.
+#![cfg(windows)]
+
+use std::os::windows::io::AsHandle;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use childwatch::{
+    ChildWatcher, DefaultEventLoopPolicy, EventLoop, EventLoopPolicy, LoopKind, Pid, ReturnCode,
+    WindowsChildWatcher, WindowsProactorEventLoopPolicy, WindowsSelectorEventLoopPolicy,
+};
+use windows_sys::Win32::System::Threading::{GetCurrentProcess, GetProcessHandleCount};
+
+/// Handle-count checks need the process to themselves: one such test at a time,
+/// and no other test spawning while one counts.
+static EXCLUSIVE: Mutex<()> = Mutex::new(());
+
+fn exclusive() -> std::sync::MutexGuard<'static, ()> {
+    EXCLUSIVE.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn exit_with(code: i32) -> Child {
+    Command::new("cmd.exe")
+        .args(["/C", &format!("exit {code}")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn cmd.exe")
+}
+
+/// A child that runs until its stdin closes (or it is killed).
+fn long_running() -> (Child, ChildStdin) {
+    let mut c = Command::new("cmd.exe")
+        .args(["/C", "set /p x="])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn cmd.exe");
+    let stdin = c.stdin.take().expect("piped stdin");
+    (c, stdin)
+}
+
+fn pid_of(c: &Child) -> Pid {
+    c.id() as Pid
+}
+
+fn handle_count() -> u32 {
+    let mut n = 0;
+    // SAFETY: the pseudo-handle of this process and a valid out pointer.
+    let ok = unsafe { GetProcessHandleCount(GetCurrentProcess(), &mut n) };
+    assert_ne!(ok, 0, "GetProcessHandleCount");
+    n
+}
+
+/// Waits (bounded) until `cond` holds; false if it never did.
+fn eventually(mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    cond()
+}
+
+#[test]
+fn the_default_policy_is_the_windows_proactor_policy() {
+    assert!(childwatch::proactor_supported());
+    let lp = DefaultEventLoopPolicy::new().new_event_loop().unwrap();
+    assert_eq!(lp.kind(), LoopKind::Proactor);
+    let p = WindowsProactorEventLoopPolicy::new();
+    assert_eq!(p.new_event_loop().unwrap().kind(), LoopKind::Proactor);
+    let s = WindowsSelectorEventLoopPolicy::new();
+    assert_eq!(s.new_event_loop().unwrap().kind(), LoopKind::Selector);
+    let w = p.get_child_watcher();
+    assert!(w.is_active());
+    assert!(format!("{p:?}").contains("Proactor"));
+}
+
+#[test]
+fn wait_for_handle_reports_a_process_exit_and_a_timeout() {
+    let _g = exclusive();
+    let lp = EventLoop::proactor().unwrap();
+    let mut child = exit_with(3);
+    let signalled = lp
+        .run_until_complete(lp.wait_for_handle(child.as_handle(), None))
+        .unwrap()
+        .unwrap();
+    assert!(signalled);
+    assert_eq!(child.try_wait().unwrap().and_then(|s| s.code()), Some(3));
+
+    let (mut child, stdin) = long_running();
+    let signalled = lp
+        .run_until_complete(lp.wait_for_handle(child.as_handle(), Some(Duration::from_millis(20))))
+        .unwrap()
+        .unwrap();
+    assert!(!signalled, "still running: the wait timed out");
+    // Closing its stdin ends the child; the wait sees it.
+    drop(stdin);
+    let signalled = lp
+        .run_until_complete(lp.wait_for_handle(child.as_handle(), None))
+        .unwrap()
+        .unwrap();
+    assert!(signalled);
+    child.wait().unwrap();
+    lp.close().unwrap();
+}
+
+#[test]
+fn wait_for_handle_needs_a_proactor_loop() {
+    let lp = EventLoop::selector().unwrap();
+    let mut child = exit_with(0);
+    let e = lp
+        .run_until_complete(lp.wait_for_handle(child.as_handle(), None))
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::Unsupported);
+    child.wait().unwrap();
+}
+
+#[test]
+fn a_dropped_wait_for_handle_unregisters_and_a_closed_loop_refuses() {
+    let _g = exclusive();
+    let lp = EventLoop::proactor().unwrap();
+    let (mut child, stdin) = long_running();
+    // Give up on the wait after a timer: the wait future is dropped pending.
+    let lp2 = lp.clone();
+    let won = lp
+        .run_until_complete(async {
+            let wait = lp2.wait_for_handle(child.as_handle(), None);
+            let timer = childwatch::sleep(Duration::from_millis(20));
+            futures_util::pin_mut!(wait, timer);
+            matches!(
+                futures_util::future::select(wait, timer).await,
+                futures_util::future::Either::Right(_)
+            )
+        })
+        .unwrap();
+    assert!(won, "the timer won: the child still runs");
+    drop(stdin);
+    child.wait().unwrap();
+    lp.close().unwrap();
+    let (mut child, _stdin) = long_running();
+    // A closed loop cannot run anything, and its handle refuses calls.
+    assert!(lp.handle().call_soon_threadsafe(|| {}).is_err());
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+type Log = Arc<Mutex<Vec<(Pid, ReturnCode, std::thread::ThreadId)>>>;
+
+fn recorder(log: &Log) -> childwatch::ChildCallback {
+    let log = Arc::clone(log);
+    Box::new(move |pid, rc| {
+        log.lock()
+            .unwrap()
+            .push((pid, rc, std::thread::current().id()))
+    })
+}
+
+#[test]
+fn the_watcher_delivers_exit_codes_on_the_registering_loop() {
+    let _g = exclusive();
+    let w = Arc::new(WindowsChildWatcher::new().unwrap());
+    let lp = EventLoop::proactor().unwrap();
+    let log: Log = Arc::default();
+    let codes = [0, 1, 2, 3, 42, 255, 1000];
+    let children: Vec<Child> = codes.iter().map(|&c| exit_with(c)).collect();
+    let expected: Vec<(Pid, ReturnCode)> = children
+        .iter()
+        .zip(codes)
+        .map(|(c, code)| (pid_of(c), code))
+        .collect();
+    let (w2, l2) = (Arc::clone(&w), Arc::clone(&log));
+    let pids: Vec<Pid> = children.iter().map(pid_of).collect();
+    lp.run_until_complete(async move {
+        for pid in pids {
+            w2.add_child_handler(pid, recorder(&l2)).unwrap();
+        }
+        while l2.lock().unwrap().len() < codes.len() {
+            childwatch::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .unwrap();
+    let me = std::thread::current().id();
+    let mut got: Vec<(Pid, ReturnCode)> = log
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|&(p, rc, t)| {
+            assert_eq!(t, me, "callbacks run on the loop's thread");
+            (p, rc)
+        })
+        .collect();
+    got.sort();
+    let mut expected = expected;
+    expected.sort();
+    assert_eq!(got, expected, "every exit reported exactly once");
+    assert!(eventually(|| w.watched() == 0));
+    for mut c in children {
+        c.wait().unwrap();
+    }
+    w.close();
+}
+
+#[test]
+fn the_watcher_needs_no_loop_and_reports_kills() {
+    let _g = exclusive();
+    let w = WindowsChildWatcher::new().unwrap();
+    let (tx, rx) = mpsc::channel();
+    let (mut child, _stdin) = long_running();
+    let pid = pid_of(&child);
+    let tx2 = tx.clone();
+    w.add_child_handler(pid, Box::new(move |p, rc| tx2.send((p, rc)).unwrap()))
+        .unwrap();
+    assert_eq!(w.watched(), 1);
+    // Registering the same pid again replaces the callback.
+    w.add_child_handler(pid, Box::new(move |p, rc| tx.send((p, rc + 1000)).unwrap()))
+        .unwrap();
+    assert_eq!(w.watched(), 1);
+    child.kill().unwrap(); // TerminateProcess(h, 1)
+    let (p, rc) = rx.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert_eq!((p, rc), (pid, 1001));
+    assert!(rx.recv_timeout(Duration::from_millis(50)).is_err(), "once");
+    child.wait().unwrap();
+    assert!(eventually(|| w.watched() == 0));
+    w.close();
+}
+
+#[test]
+fn unknown_and_invalid_pids() {
+    let w = WindowsChildWatcher::new().unwrap();
+    // Windows pids are multiples of 4: this one is never a process.
+    let (tx, rx) = mpsc::channel();
+    w.add_child_handler(
+        0x7fff_fffd,
+        Box::new(move |p, rc| tx.send((p, rc)).unwrap()),
+    )
+    .unwrap();
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(5)).unwrap(),
+        (0x7fff_fffd, 255)
+    );
+    assert_eq!(w.watched(), 0);
+    for pid in [0, -1, i32::MIN] {
+        let e = w.add_child_handler(pid, Box::new(|_, _| {})).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput, "pid {pid}");
+    }
+    w.close();
+    let e = w.add_child_handler(4, Box::new(|_, _| {})).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::Other);
+    assert!(!w.is_active());
+}
+
+#[test]
+fn remove_and_close_release_the_waits() {
+    let _g = exclusive();
+    let w = WindowsChildWatcher::new().unwrap();
+    let (tx, rx) = mpsc::channel::<(Pid, ReturnCode)>();
+    let (mut a, a_in) = long_running();
+    let (mut b, b_in) = long_running();
+    let tx2 = tx.clone();
+    w.add_child_handler(
+        pid_of(&a),
+        Box::new(move |p, rc| tx2.send((p, rc)).unwrap()),
+    )
+    .unwrap();
+    w.add_child_handler(pid_of(&b), Box::new(move |p, rc| tx.send((p, rc)).unwrap()))
+        .unwrap();
+    assert_eq!(w.watched(), 2);
+    assert!(w.remove_child_handler(pid_of(&a)));
+    assert!(!w.remove_child_handler(pid_of(&a)));
+    assert_eq!(w.watched(), 1, "the removed child's wait is gone");
+    w.close();
+    assert_eq!(w.watched(), 0, "close unregistered every wait");
+    assert!(!w.is_active());
+    drop((a_in, b_in));
+    a.wait().unwrap();
+    b.wait().unwrap();
+    assert!(
+        rx.recv_timeout(Duration::from_millis(100)).is_err(),
+        "no callback after remove or close"
+    );
+}
+
+#[test]
+fn the_policy_watcher_is_the_windows_watcher() {
+    let _g = exclusive();
+    let w = childwatch::get_child_watcher();
+    let mut child = exit_with(7);
+    let (tx, rx) = mpsc::channel();
+    w.add_child_handler(
+        pid_of(&child),
+        Box::new(move |p, rc| tx.send((p, rc)).unwrap()),
+    )
+    .unwrap();
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(20)).unwrap(),
+        (pid_of(&child), 7)
+    );
+    child.wait().unwrap();
+}
+
+#[test]
+fn no_process_handle_is_left_behind() {
+    let _g = exclusive();
+    let lp = EventLoop::proactor().unwrap();
+    let w = WindowsChildWatcher::new().unwrap();
+    let run = |n: usize| {
+        let log: Log = Arc::default();
+        let mut children: Vec<Child> = (0..n).map(|i| exit_with(i as i32)).collect();
+        for c in &children {
+            w.add_child_handler(pid_of(c), recorder(&log)).unwrap();
+        }
+        // Half of them also through the loop's wait_for_handle.
+        lp.run_until_complete(async {
+            for c in children.iter().step_by(2) {
+                assert!(lp.wait_for_handle(c.as_handle(), None).await.unwrap());
+            }
+        })
+        .unwrap();
+        assert!(eventually(|| log.lock().unwrap().len() == n));
+        assert!(eventually(|| w.watched() == 0));
+        for c in &mut children {
+            c.wait().unwrap();
+        }
+    };
+    run(4); // warm up the thread pool and the loop
+    let before = handle_count();
+    run(16);
+    // Pool threads come and go on their own schedule; our handles must not stay.
+    let settled = eventually(|| handle_count() <= before);
+    assert!(
+        settled,
+        "handles before: {before}, after: {}",
+        handle_count()
+    );
+    lp.close().unwrap();
+    w.close();
+}
