@@ -8,14 +8,14 @@
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use childwatch::{EventLoop, LoopKind, get_running_loop, sleep};
 
 /// Signal tests share the process's signal dispositions: one at a time.
 #[cfg(unix)]
-static SIGNALS: Mutex<()> = Mutex::new(());
+static SIGNALS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn new_loop(kind: LoopKind) -> EventLoop {
     EventLoop::new(kind).unwrap_or_else(|e| panic!("cannot create a {kind} loop: {e}"))

@@ -146,7 +146,9 @@ impl SignalHandlers {
 /// Windows: no handlers can be installed (asyncio's `NotImplementedError`).
 #[cfg(windows)]
 #[derive(Default)]
-pub(crate) struct SignalHandlers;
+pub(crate) struct SignalHandlers {
+    _none: (),
+}
 
 #[cfg(windows)]
 impl SignalHandlers {
