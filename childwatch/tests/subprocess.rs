@@ -457,7 +457,10 @@ mod cases {
             assert_eq!(e.kind(), io::ErrorKind::NotFound, "{e}");
             assert!(e.to_string().contains("/no/such/dir-cw"), "{e}");
 
-            let file = std::env::temp_dir().join(format!("cw-noexec-{}", std::process::id()));
+            static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+            let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let name = format!("cw-noexec-{}-{n}", std::process::id());
+            let file = std::env::temp_dir().join(name);
             std::fs::write(&file, "#!/bin/sh\n").unwrap();
             let e = cx
                 .exec(file.to_str().unwrap(), [] as [&str; 0])
@@ -667,4 +670,62 @@ macro_rules! matrix {
 // The watcher matrix: one line per watcher.
 matrix! {
     threaded => Ok(Arc::new(ThreadedChildWatcher::new()?)), exclusive: false;
+}
+
+/// Spawn + wait throughput through the whole stack (loop, watcher, Process):
+/// `cargo test --release -p childwatch --test subprocess throughput -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn throughput_2000_true() {
+    let _g = SERIAL.write().unwrap_or_else(|p| p.into_inner());
+    const N: usize = 2000;
+    const IN_FLIGHT: usize = 64;
+    for kind in [LoopKind::Proactor, LoopKind::Selector] {
+        let Ok(lp) = EventLoop::new(kind) else {
+            continue;
+        };
+        let w: Arc<dyn ChildWatcher> = Arc::new(ThreadedChildWatcher::new().unwrap());
+        let t = Instant::now();
+        lp.run_until_complete(async {
+            for _ in 0..N {
+                let p = create_subprocess_exec("/bin/true", [] as [&str; 0])
+                    .watcher(Arc::clone(&w))
+                    .spawn()
+                    .unwrap();
+                assert_eq!(p.wait().await.unwrap(), 0);
+            }
+        })
+        .unwrap();
+        let seq = t.elapsed();
+        let t = Instant::now();
+        lp.run_until_complete(async {
+            let mut done = 0;
+            while done < N {
+                let batch: Vec<Process> = (0..IN_FLIGHT.min(N - done))
+                    .map(|_| {
+                        create_subprocess_exec("/bin/true", [] as [&str; 0])
+                            .watcher(Arc::clone(&w))
+                            .spawn()
+                            .unwrap()
+                    })
+                    .collect();
+                for rc in join_all(batch.iter().map(|p| p.wait())).await {
+                    assert_eq!(rc.unwrap(), 0);
+                }
+                done += batch.len();
+            }
+        })
+        .unwrap();
+        let par = t.elapsed();
+        println!(
+            "{kind} loop, Threaded watcher: {N} x /bin/true one at a time {:.3} s ({:.0}/s); \
+             in batches of {IN_FLIGHT} {:.3} s ({:.0}/s)",
+            seq.as_secs_f64(),
+            N as f64 / seq.as_secs_f64(),
+            par.as_secs_f64(),
+            N as f64 / par.as_secs_f64()
+        );
+        w.close();
+        lp.close().unwrap();
+    }
 }
