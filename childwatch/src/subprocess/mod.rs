@@ -7,9 +7,29 @@
 //! `enter()`/`exit()` (asyncio's `with watcher:`). The watcher reaps the
 //! child and calls back with its return code; the [`Process`] records it in
 //! a thread-safe exit slot that any number of [`Process::wait`] futures
-//! watch. Nothing else ever reaps the child: the spawn path
-//! ([`spawn`](self::spawn) module docs) never creates a
+//! watch. Nothing else ever reaps the child: the spawn path never creates a
 //! `std::process::Child`.
+//!
+//! ```
+//! use childwatch::{Stdio, create_subprocess_exec, new_event_loop};
+//!
+//! let lp = new_event_loop()?;
+//! let (out, rc) = lp.run_until_complete(async {
+//!     let mut p = create_subprocess_exec("echo", ["hello"])
+//!         .stdout(Stdio::piped())
+//!         .spawn()?;
+//!     let (out, _err) = p.communicate(None).await?;
+//!     Ok::<_, std::io::Error>((out, p.returncode()))
+//! })??;
+//! assert_eq!(out, b"hello\n");
+//! assert_eq!(rc, Some(0));
+//! lp.close()?;
+//! # Ok::<(), std::io::Error>(())
+//! ```
+//!
+//! Spawning uses `posix_spawnp` directly rather than `std::process::Command`;
+//! the measurements behind that choice are in the `spawn` module's source
+//! docs (`src/subprocess/spawn.rs`).
 //!
 //! # Signals never reach a recycled pid
 //!
