@@ -588,6 +588,67 @@ mod cases {
         assert_eq!(open_fds(), before, "descriptors leaked by spawn");
     }
 
+    /// The child sees only 0, 1 and 2 of ours (plus whatever the test
+    /// process itself holds without CLOEXEC), even while other pipes are open.
+    pub fn no_fd_inherited(cx: &Ctx) {
+        cx.run(async {
+            let mut other = cx
+                .exec("cat", [] as [&str; 0])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let inheritable: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+                .unwrap()
+                .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                // SAFETY: F_GETFD only reads the flags of a descriptor number.
+                .filter(|&fd| unsafe { libc::fcntl(fd, libc::F_GETFD) } == 0)
+                .collect();
+            let mut p = cx
+                .exec("ls", ["/proc/self/fd"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let (out, _) = p.communicate(None).await.unwrap();
+            let extra: Vec<i32> = String::from_utf8(out)
+                .unwrap()
+                .split_whitespace()
+                .map(|s| s.parse().unwrap())
+                .filter(|fd| *fd > 2 && !inheritable.contains(fd))
+                .collect();
+            // ls itself holds one descriptor: the directory it lists.
+            assert!(
+                extra.len() <= 1,
+                "descriptors leaked into the child: {extra:?}"
+            );
+            other.communicate(None).await.unwrap();
+        });
+    }
+
+    /// A watcher closed before the child exits: wait() fails, never hangs.
+    pub fn closed_watcher_fails_wait(cx: &Ctx) {
+        let w = (cx.make)().unwrap();
+        w.attach_loop(Some(&cx.lp));
+        let pid = cx.run(async {
+            let p = create_subprocess_exec("sleep", ["30"])
+                .watcher(Arc::clone(&w))
+                .spawn()
+                .unwrap();
+            w.close();
+            let e = p.wait().await.unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::Other, "{e}");
+            p.kill().unwrap_or_else(|e| panic!("{e}"));
+            p.pid()
+        });
+        // SAFETY: our own child; a watcher that still reaps it races us
+        // harmlessly (one of us gets ECHILD).
+        unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+        assert!(gone(pid));
+    }
+
     pub fn kill_on_drop(cx: &Ctx) {
         let (killed, left) = cx.run(async {
             let p = cx.exec("sleep", ["30"]).kill_on_drop(true).spawn().unwrap();
@@ -661,7 +722,7 @@ macro_rules! matrix {
                 cancelled_wait_then_wait_again, cancelled_read_loses_nothing,
                 read_stdout_after_exit, grandchild_keeps_stdout_open, bad_inputs,
                 write_to_closed_stdin, spawn_needs_running_loop, inactive_watcher_is_refused,
-                no_fd_leak, kill_on_drop,
+                no_fd_leak, kill_on_drop, no_fd_inherited, closed_watcher_fails_wait,
             );
         }
     )*};

@@ -680,8 +680,16 @@ impl Process {
         }
         // Decided under the lock that records the exit.
         let st = self.exit.lock();
-        if st.rc.is_some() || st.lost {
+        if st.rc.is_some() {
             return Ok(());
+        }
+        if st.lost && self.pidfd.is_none() {
+            // Nobody will tell us when the pid is reaped, so kill(2) could
+            // hit a recycled pid; only a pidfd is safe now.
+            return Err(io::Error::other(format!(
+                "the child watcher stopped watching pid {} and no pidfd is held; refusing                  to signal a pid that may have been recycled",
+                self.pid
+            )));
         }
         raw_signal(self.pid, self.pidfd.as_ref(), sig)
     }
