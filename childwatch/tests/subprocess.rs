@@ -90,14 +90,15 @@ async fn read_all<R: futures_util::AsyncRead + Unpin>(r: &mut R) -> Vec<u8> {
     v
 }
 
-/// Waits (bounded) until `pid` no longer exists, not even as a zombie.
-fn gone(pid: i32) -> bool {
+/// Waits (bounded) until `pid` no longer exists, not even as a zombie. Async,
+/// so that watchers which reap from the loop (on SIGCHLD) keep working.
+async fn gone(pid: i32) -> bool {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
             return true;
         }
-        std::thread::sleep(Duration::from_millis(5));
+        sleep(Duration::from_millis(5)).await;
     }
     false
 }
@@ -646,11 +647,11 @@ mod cases {
         // SAFETY: our own child; a watcher that still reaps it races us
         // harmlessly (one of us gets ECHILD).
         unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
-        assert!(gone(pid));
+        assert!(cx.run(gone(pid)));
     }
 
     pub fn kill_on_drop(cx: &Ctx) {
-        let (killed, left) = cx.run(async {
+        cx.run(async {
             let p = cx.exec("sleep", ["30"]).kill_on_drop(true).spawn().unwrap();
             let killed = p.pid();
             drop(p);
@@ -658,11 +659,15 @@ mod cases {
             let p = cx.exec("sleep", ["0.1"]).spawn().unwrap();
             let left = p.pid();
             drop(p);
-            sleep(Duration::from_millis(200)).await;
-            (killed, left)
+            assert!(
+                gone(killed).await,
+                "kill_on_drop killed and reaped pid {killed}"
+            );
+            assert!(
+                gone(left).await,
+                "a dropped process is still reaped (pid {left})"
+            );
         });
-        assert!(gone(killed), "kill_on_drop killed and reaped pid {killed}");
-        assert!(gone(left), "a dropped process is still reaped (pid {left})");
     }
 }
 
