@@ -103,6 +103,33 @@ async fn gone(pid: i32) -> bool {
     false
 }
 
+/// Our zombie children, after giving the watcher (bounded) time to reap
+/// any that are exiting right now.
+async fn no_zombie_children() -> Vec<i32> {
+    let me = std::process::id() as i32;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let zombies: Vec<i32> = std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|pid| {
+                let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                    return false;
+                };
+                let Some(close) = stat.rfind(')') else {
+                    return false;
+                };
+                let f: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+                f.len() > 1 && f[0] == "Z" && f[1].parse() == Ok(me)
+            })
+            .collect();
+        if zombies.is_empty() || Instant::now() >= deadline {
+            return zombies;
+        }
+        sleep(Duration::from_millis(10)).await;
+    }
+}
+
 fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd")
         .expect("/proc/self/fd")
@@ -587,6 +614,8 @@ mod cases {
             }
         });
         assert_eq!(open_fds(), before, "descriptors leaked by spawn");
+        let zombies = cx.run(no_zombie_children());
+        assert!(zombies.is_empty(), "zombie children left: {zombies:?}");
     }
 
     /// The child sees only 0, 1 and 2 of ours (plus whatever the test
@@ -648,6 +677,50 @@ mod cases {
         // harmlessly (one of us gets ECHILD).
         unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
         assert!(cx.run(gone(pid)));
+    }
+
+    /// CPython's test_communicate_ignore_broken_pipe: the child exits
+    /// without reading a large input.
+    pub fn communicate_ignores_broken_pipe(cx: &Ctx) {
+        let input = vec![b'z'; 1024 * 1024];
+        cx.run(async {
+            let mut p = cx
+                .exec("true", [] as [&str; 0])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let (out, err) = p.communicate(Some(&input)).await.unwrap();
+            assert!(out.is_empty() && err.is_empty());
+            assert_eq!(p.returncode(), Some(0));
+        });
+    }
+
+    /// A bare program name is looked up in the child's PATH when the
+    /// command sets one.
+    pub fn program_found_in_child_path(cx: &Ctx) {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("cw-path-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = dir.join("cw-hello");
+        std::fs::write(&script, "#!/bin/sh\necho hello from \"$0\"\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let out = cx.run(async {
+            let mut p = cx
+                .exec("cw-hello", [] as [&str; 0])
+                .env("PATH", &dir)
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            p.communicate(None).await.unwrap().0
+        });
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            format!("hello from {}\n", script.display())
+        );
     }
 
     pub fn kill_on_drop(cx: &Ctx) {
@@ -728,6 +801,7 @@ macro_rules! matrix {
                 read_stdout_after_exit, grandchild_keeps_stdout_open, bad_inputs,
                 write_to_closed_stdin, spawn_needs_running_loop, inactive_watcher_is_refused,
                 no_fd_leak, kill_on_drop, no_fd_inherited, closed_watcher_fails_wait,
+                communicate_ignores_broken_pipe, program_found_in_child_path,
             );
         }
     )*};
