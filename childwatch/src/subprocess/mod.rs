@@ -749,3 +749,89 @@ async fn join3<A: Future, B: Future, C: Future>(
     })
     .await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::Wake;
+
+    struct Count(AtomicUsize);
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn waker() -> (Arc<Count>, Waker) {
+        let c = Arc::new(Count(AtomicUsize::new(0)));
+        (Arc::clone(&c), Waker::from(c))
+    }
+
+    fn wait(slot: &ExitSlot) -> WaitExit<'_> {
+        WaitExit {
+            slot,
+            pid: 42,
+            key: None,
+        }
+    }
+
+    #[test]
+    fn every_waiter_is_woken_once_and_sees_the_code() {
+        let slot = Arc::new(ExitSlot::default());
+        let report = ExitReport {
+            slot: Some(Arc::clone(&slot)),
+        };
+        let (counts, wakers): (Vec<_>, Vec<_>) = (0..3).map(|_| waker()).unzip();
+        let mut waits: Vec<_> = (0..3).map(|_| Box::pin(wait(&slot))).collect();
+        for (w, wk) in waits.iter_mut().zip(&wakers) {
+            assert!(w.as_mut().poll(&mut Context::from_waker(wk)).is_pending());
+        }
+        // A cancelled waiter leaves no waker behind.
+        let (c4, w4) = waker();
+        {
+            let mut extra = Box::pin(wait(&slot));
+            assert!(
+                extra
+                    .as_mut()
+                    .poll(&mut Context::from_waker(&w4))
+                    .is_pending()
+            );
+        }
+        assert_eq!(slot.lock().waiters.len(), 3);
+        report.fire(-9);
+        for c in &counts {
+            assert_eq!(c.0.load(Ordering::SeqCst), 1);
+        }
+        assert_eq!(c4.0.load(Ordering::SeqCst), 0);
+        for (w, wk) in waits.iter_mut().zip(&wakers) {
+            match w.as_mut().poll(&mut Context::from_waker(wk)) {
+                Poll::Ready(Ok(rc)) => assert_eq!(rc, -9),
+                other => panic!("expected the code, got {other:?}"),
+            }
+        }
+        // A wait started after the exit resolves at once.
+        let mut late = Box::pin(wait(&slot));
+        assert!(matches!(
+            late.as_mut().poll(&mut Context::from_waker(&w4)),
+            Poll::Ready(Ok(-9))
+        ));
+    }
+
+    #[test]
+    fn a_dropped_callback_fails_the_waiters() {
+        let slot = Arc::new(ExitSlot::default());
+        let report = ExitReport {
+            slot: Some(Arc::clone(&slot)),
+        };
+        let (c, w) = waker();
+        let mut fut = Box::pin(wait(&slot));
+        assert!(fut.as_mut().poll(&mut Context::from_waker(&w)).is_pending());
+        drop(report); // the watcher closed without calling back
+        assert_eq!(c.0.load(Ordering::SeqCst), 1);
+        match fut.as_mut().poll(&mut Context::from_waker(&w)) {
+            Poll::Ready(Err(e)) => assert_eq!(e.kind(), io::ErrorKind::Other),
+            other => panic!("expected an error, got {other:?}"),
+        }
+    }
+}
