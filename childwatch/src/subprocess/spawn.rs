@@ -248,15 +248,17 @@ fn lift(fd: OwnedFd) -> io::Result<OwnedFd> {
     Ok(rustix::io::fcntl_dupfd_cloexec(&fd, 3)?)
 }
 
-/// RAII for `posix_spawn_file_actions_t`.
-struct FileActions(MaybeUninit<libc::posix_spawn_file_actions_t>);
+/// RAII for `posix_spawn_file_actions_t` (boxed, so it never moves);
+/// exists only once initialised.
+struct FileActions(Box<MaybeUninit<libc::posix_spawn_file_actions_t>>);
 
 impl FileActions {
-    fn new() -> io::Result<Box<FileActions>> {
-        let mut fa = Box::new(FileActions(MaybeUninit::uninit()));
-        // SAFETY: initialises the boxed (non-moving) storage.
-        check(unsafe { libc::posix_spawn_file_actions_init(fa.0.as_mut_ptr()) })?;
-        Ok(fa)
+    fn new() -> io::Result<FileActions> {
+        let mut raw = Box::new(MaybeUninit::uninit());
+        // SAFETY: initialises the boxed storage; on failure it is freed
+        // without being destroyed.
+        check(unsafe { libc::posix_spawn_file_actions_init(raw.as_mut_ptr()) })?;
+        Ok(FileActions(raw))
     }
     fn ptr(&mut self) -> *mut libc::posix_spawn_file_actions_t {
         self.0.as_mut_ptr()
@@ -284,15 +286,17 @@ impl Drop for FileActions {
     }
 }
 
-/// RAII for `posix_spawnattr_t`.
-struct Attr(MaybeUninit<libc::posix_spawnattr_t>);
+/// RAII for `posix_spawnattr_t` (boxed, so it never moves); exists only
+/// once initialised.
+struct Attr(Box<MaybeUninit<libc::posix_spawnattr_t>>);
 
 impl Attr {
-    fn new() -> io::Result<Box<Attr>> {
-        let mut a = Box::new(Attr(MaybeUninit::uninit()));
-        // SAFETY: initialises the boxed (non-moving) storage.
-        check(unsafe { libc::posix_spawnattr_init(a.0.as_mut_ptr()) })?;
-        Ok(a)
+    fn new() -> io::Result<Attr> {
+        let mut raw = Box::new(MaybeUninit::uninit());
+        // SAFETY: initialises the boxed storage; on failure it is freed
+        // without being destroyed.
+        check(unsafe { libc::posix_spawnattr_init(raw.as_mut_ptr()) })?;
+        Ok(Attr(raw))
     }
     fn ptr(&mut self) -> *mut libc::posix_spawnattr_t {
         self.0.as_mut_ptr()
@@ -346,6 +350,8 @@ fn null_ptrs(v: &[CString]) -> Vec<*mut libc::c_char> {
         .collect()
 }
 
+// The C library's environment, passed unchanged when the command does not
+// touch the environment (std's spawn does the same).
 unsafe extern "C" {
     static environ: *const *mut libc::c_char;
 }
