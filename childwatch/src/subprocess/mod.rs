@@ -621,7 +621,11 @@ impl Process {
     ///
     /// A child that exits without reading its input is fine (a broken pipe
     /// on stdin is ignored). Calling it a second time is an error, since the
-    /// pipes were consumed by the first.
+    /// pipes were consumed by the first; dropping its future before it
+    /// completes closes the pipes (what was read so far is lost).
+    ///
+    /// It reads to end-of-file, so a grandchild that keeps a pipe open keeps
+    /// it waiting; use [`wait`](Self::wait) when only the exit matters.
     pub async fn communicate(&mut self, input: Option<&[u8]>) -> io::Result<(Vec<u8>, Vec<u8>)> {
         if self.communicated {
             return Err(io::Error::other(
