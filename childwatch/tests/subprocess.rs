@@ -814,9 +814,71 @@ macro_rules! matrix {
     )*};
 }
 
+/// A test watcher that calls back on its own waiter thread, never on the
+/// loop: proves that a `Process` copes with callbacks from any thread.
+#[derive(Default)]
+struct ForeignThreadWatcher {
+    inner: Arc<ForeignInner>,
+}
+
+#[derive(Default)]
+struct ForeignInner {
+    closed: std::sync::atomic::AtomicBool,
+    handlers: std::sync::Mutex<std::collections::HashMap<i32, childwatch::ChildCallback>>,
+}
+
+impl ChildWatcher for ForeignThreadWatcher {
+    fn add_child_handler(&self, pid: i32, cb: childwatch::ChildCallback) -> io::Result<()> {
+        use std::sync::atomic::Ordering;
+        if self.inner.closed.load(Ordering::SeqCst) {
+            return Err(io::Error::other("closed"));
+        }
+        if self
+            .inner
+            .handlers
+            .lock()
+            .unwrap()
+            .insert(pid, cb)
+            .is_some()
+        {
+            return Ok(());
+        }
+        let inner = Arc::clone(&self.inner);
+        std::thread::spawn(move || {
+            let mut st = 0;
+            // SAFETY: waiting for a child registered with us.
+            let r = unsafe { libc::waitpid(pid, &mut st, 0) };
+            let rc = if r == pid {
+                childwatch::watcher::status::from_raw_wait_status(st).unwrap_or(255)
+            } else {
+                255
+            };
+            let cb = inner.handlers.lock().unwrap().remove(&pid);
+            if let Some(cb) = cb {
+                cb(pid, rc);
+            }
+        });
+        Ok(())
+    }
+    fn remove_child_handler(&self, pid: i32) -> bool {
+        self.inner.handlers.lock().unwrap().remove(&pid).is_some()
+    }
+    fn attach_loop(&self, _lp: Option<&EventLoop>) {}
+    fn is_active(&self) -> bool {
+        !self.inner.closed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    fn close(&self) {
+        self.inner
+            .closed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.inner.handlers.lock().unwrap().clear();
+    }
+}
+
 // The watcher matrix: one line per watcher.
 matrix! {
     threaded => Ok(Arc::new(ThreadedChildWatcher::new()?)), exclusive: false;
+    foreign_thread => Ok(Arc::new(ForeignThreadWatcher::default())), exclusive: false;
 }
 
 /// Spawn + wait throughput through the whole stack (loop, watcher, Process):
