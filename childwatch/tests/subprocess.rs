@@ -715,12 +715,24 @@ mod cases {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
         let out = cx.run(async {
-            let mut p = cx
-                .exec("cw-hello", [] as [&str; 0])
-                .env("PATH", &dir)
-                .stdout(Stdio::piped())
-                .spawn()
-                .unwrap();
+            // A spawn on another test thread may still hold a copy of the
+            // descriptor that wrote the script (between its clone and its
+            // exec): ETXTBSY, the classic race; it clears at that exec.
+            let mut tries = 0;
+            let mut p = loop {
+                match cx
+                    .exec("cw-hello", [] as [&str; 0])
+                    .env("PATH", &dir)
+                    .stdout(Stdio::piped())
+                    .spawn()
+                {
+                    Err(e) if e.kind() == io::ErrorKind::ExecutableFileBusy && tries < 100 => {
+                        tries += 1;
+                        sleep(Duration::from_millis(10)).await;
+                    }
+                    other => break other.unwrap(),
+                }
+            };
             p.communicate(None).await.unwrap().0
         });
         std::fs::remove_dir_all(&dir).unwrap();
