@@ -97,6 +97,13 @@ impl Stdio {
     }
 }
 
+impl Default for Stdio {
+    /// [`Stdio::inherit`].
+    fn default() -> Stdio {
+        Stdio::inherit()
+    }
+}
+
 impl fmt::Debug for Stdio {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self.0 {
