@@ -36,6 +36,6 @@ pub use policy::{
     set_child_watcher, set_event_loop, set_event_loop_policy,
 };
 pub use watcher::{
-    ChildCallback, ChildWatcher, FastChildWatcher, MultiLoopChildWatcher, Pid,
-    PidfdChildWatcher, ReturnCode, SafeChildWatcher, ThreadedChildWatcher,
+    ChildCallback, ChildWatcher, FastChildWatcher, MultiLoopChildWatcher, Pid, PidfdChildWatcher,
+    ReturnCode, SafeChildWatcher, ThreadedChildWatcher,
 };

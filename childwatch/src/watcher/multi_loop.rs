@@ -205,7 +205,12 @@ impl ChildWatcher for MultiLoopChildWatcher {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        let Some(Running { sig, thread, wake: fd }) = running else {
+        let Some(Running {
+            sig,
+            thread,
+            wake: fd,
+        }) = running
+        else {
             return;
         };
         // After unregister returns no handler runs the action any more, and

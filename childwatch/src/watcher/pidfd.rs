@@ -82,7 +82,10 @@ impl Cancel {
 #[derive(Debug)]
 enum Watch {
     /// A task on a loop polls its pidfd.
-    Task { generation: u64, cancel: Arc<Cancel> },
+    Task {
+        generation: u64,
+        cancel: Arc<Cancel>,
+    },
     /// A waiter thread blocks in `waitpid`; it cannot be cancelled.
     Thread,
 }
@@ -487,4 +490,3 @@ impl Drop for PidfdChildWatcher {
         self.close();
     }
 }
-

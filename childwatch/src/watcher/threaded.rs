@@ -223,6 +223,7 @@ mod tests {
     use std::sync::mpsc;
 
     #[test]
+    #[allow(clippy::zombie_processes)] // reaped by the overflow poller under test
     fn overflow_poller_reaps_and_ends() {
         let (tx, rx) = mpsc::channel();
         for code in [0, 3, 7] {

@@ -2,6 +2,8 @@
 //! callbacks, and loop plumbing.
 #![allow(dead_code)]
 
+pub mod suite;
+
 use std::collections::HashMap;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -16,6 +18,7 @@ pub const PATIENCE: Duration = Duration::from_secs(60);
 
 /// Starts `/bin/sh -c script` and returns its pid; std does not wait on drop,
 /// so the child stays ours to reap.
+#[allow(clippy::zombie_processes)] // the watcher under test reaps it
 pub fn sh(script: &str) -> Pid {
     let child = Command::new("/bin/sh")
         .arg("-c")
@@ -231,7 +234,11 @@ pub async fn run_batch(w: &Arc<dyn ChildWatcher>, rcs: &[ReturnCode], in_flight:
     for (i, &rc) in rcs.iter().enumerate() {
         if i >= in_flight {
             let need = i - in_flight + 1;
-            until(|| done.load(std::sync::atomic::Ordering::SeqCst) >= need, "exits").await;
+            until(
+                || done.load(std::sync::atomic::Ordering::SeqCst) >= need,
+                "exits",
+            )
+            .await;
         }
         let pid = sh(&script_for(rc));
         pids.push(pid);
@@ -245,7 +252,11 @@ pub async fn run_batch(w: &Arc<dyn ChildWatcher>, rcs: &[ReturnCode], in_flight:
         )
         .expect("add_child_handler");
     }
-    until(|| done.load(std::sync::atomic::Ordering::SeqCst) >= rcs.len(), "all exits").await;
+    until(
+        || done.load(std::sync::atomic::Ordering::SeqCst) >= rcs.len(),
+        "all exits",
+    )
+    .await;
     // Let any duplicate delivery show up before checking.
     sleep(Duration::from_millis(20)).await;
     let got = got.lock().unwrap();
