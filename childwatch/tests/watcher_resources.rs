@@ -89,6 +89,18 @@ fn with_live_children(name: &str, kind: LoopKind, make: Make) {
         .unwrap();
     w.close();
     drop(w);
+    // Descriptors go at close, while the children still run (waiter threads
+    // of Threaded stay until their child exits).
+    let deadline = Instant::now() + PATIENCE;
+    while fds() != base.0 && Instant::now() < deadline {
+        lp.run_until_complete(sleep(Duration::from_millis(2)))
+            .unwrap();
+    }
+    assert_eq!(
+        fds(),
+        base.0,
+        "{name}/{kind}: descriptors right after close"
+    );
     for &pid in &pids {
         kill(pid, libc::SIGKILL);
         let _ = reap(pid);

@@ -53,6 +53,8 @@ pub fn exited_before_add(kind: LoopKind, make: Make) {
         let log = Log::default();
         let pid = sh("exit 42");
         wait_zombie(pid);
+        // Let the loop take in the SIGCHLD while nothing is registered.
+        sleep(Duration::from_millis(20)).await;
         env.w.add_child_handler(pid, log.cb()).unwrap();
         log.wait_for(1).await;
         assert_eq!(log.by_pid()[&pid], vec![42]);
