@@ -429,7 +429,9 @@ impl ChildWatcher for PidfdChildWatcher {
                 Ok(())
             }
             Err(e) => {
-                if !matches!(e, rustix::io::Errno::MFILE | rustix::io::Errno::NFILE) {
+                if matches!(e, rustix::io::Errno::MFILE | rustix::io::Errno::NFILE) {
+                    tracing::debug!("out of descriptors for pid {pid}'s pidfd; using a thread");
+                } else {
                     tracing::warn!("pidfd_open({pid}) failed: {e}; using a waiter thread");
                 }
                 self.register_failed(pid, self.inner.to_thread(pid, None))
