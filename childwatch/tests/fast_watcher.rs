@@ -157,6 +157,10 @@ fn detach_and_reattach_delivers() {
             })
             .unwrap();
         w.attach_loop(None);
+        assert!(
+            !lp1.remove_signal_handler(libc::SIGCHLD),
+            "detach removed it"
+        );
         kill(pid, libc::SIGTERM);
         wait_zombie(pid);
         lp1.run_until_complete(sleep(Duration::from_millis(20)))
