@@ -167,6 +167,7 @@ impl Inner {
             (Some(Watch::Task { generation, .. }), Some(g)) if *generation == g => {}
             (Some(Watch::Task { .. }), _) => return Ok(()),
             (None, Some(_)) => return Ok(()),
+            (None, None) if st.closed || !self.registry.contains(pid) => return Ok(()),
             (None, None) => {}
         }
         if st.closed && replacing.is_some() {
@@ -212,6 +213,11 @@ impl Inner {
         let cancel = Arc::new(Cancel::default());
         let generation = {
             let mut st = self.lock();
+            if st.closed || !self.registry.contains(pid) {
+                // Closed or removed meanwhile: nothing to watch; the pidfd
+                // closes here.
+                return;
+            }
             st.next_generation += 1;
             let generation = st.next_generation;
             st.watches.insert(
