@@ -3,12 +3,12 @@
 //! being lost. Lowering RLIMIT_NOFILE affects the whole process, so this
 //! binary holds this one test.
 
-mod common;
+mod watcher_util;
 
 use std::time::Duration;
 
 use childwatch::{ChildWatcher, LoopKind, PidfdChildWatcher, sleep};
-use common::*;
+use watcher_util::*;
 
 fn fds() -> usize {
     std::fs::read_dir("/proc/self/fd")

@@ -5,7 +5,7 @@
 //! turn (the test harness's own threads then stay put while we count), and
 //! compares before/after with a settle loop rather than a single reading.
 
-mod common;
+mod watcher_util;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,7 +14,7 @@ use childwatch::{
     ChildWatcher, EventLoop, LoopKind, MultiLoopChildWatcher, PidfdChildWatcher, ReturnCode,
     SafeChildWatcher, ThreadedChildWatcher, sleep,
 };
-use common::*;
+use watcher_util::*;
 
 fn count(dir: &str) -> usize {
     std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)

@@ -11,7 +11,7 @@
 //! FastChildWatcher reaps every child of the process: never run its test
 //! alongside another.
 
-mod common;
+mod watcher_util;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -20,7 +20,7 @@ use childwatch::{
     ChildWatcher, FastChildWatcher, LoopKind, MultiLoopChildWatcher, PidfdChildWatcher, ReturnCode,
     SafeChildWatcher, ThreadedChildWatcher,
 };
-use common::*;
+use watcher_util::*;
 
 fn stress(name: &str, w: Arc<dyn ChildWatcher>) {
     let n: usize = std::env::var("CHILDWATCH_STRESS_N")

@@ -6,7 +6,7 @@
 //! with other tests: its tests live in `fast_watcher.rs`. Descriptor and
 //! thread counts need a quiet process: they live in `watcher_resources.rs`.
 
-mod common;
+mod watcher_util;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,14 +15,14 @@ use childwatch::{
     ChildWatcher, EventLoop, LoopKind, MultiLoopChildWatcher, PidfdChildWatcher, SafeChildWatcher,
     ThreadedChildWatcher, sleep,
 };
-use common::*;
+use watcher_util::*;
 
 macro_rules! cases {
     ($kind:expr; $($case:ident),* $(,)?) => {
         $(
             #[test]
             fn $case() {
-                crate::common::suite::$case($kind, super::make)
+                crate::watcher_util::suite::$case($kind, super::make)
             }
         )*
     };
