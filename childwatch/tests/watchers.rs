@@ -269,3 +269,24 @@ fn safe_reattach_same_loop() {
     assert!(!lp.remove_signal_handler(libc::SIGCHLD));
     lp.close().unwrap();
 }
+
+/// Threaded: the same pid twice is one waiter thread.
+#[test]
+fn threaded_same_pid_one_waiter() {
+    let w = ThreadedChildWatcher::new().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let pid = sh("exec sleep 30");
+    let tx2 = tx.clone();
+    w.add_child_handler(pid, Box::new(move |_, _| tx2.send("first").unwrap()))
+        .unwrap();
+    w.add_child_handler(
+        pid,
+        Box::new(move |_, rc| tx.send(if rc == -9 { "second" } else { "bad" }).unwrap()),
+    )
+    .unwrap();
+    assert_eq!(w.waiter_threads(), 1);
+    kill(pid, libc::SIGKILL);
+    assert_eq!(rx.recv_timeout(PATIENCE).unwrap(), "second");
+    assert!(rx.recv_timeout(Duration::from_millis(50)).is_err());
+    w.close();
+}
