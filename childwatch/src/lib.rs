@@ -42,4 +42,7 @@ pub use subprocess::{
     ChildStderr, ChildStdin, ChildStdout, Command, Process, Stdio, create_subprocess_exec,
     create_subprocess_shell,
 };
-pub use watcher::{ChildCallback, ChildWatcher, Pid, ReturnCode, ThreadedChildWatcher};
+pub use watcher::{
+    ChildCallback, ChildWatcher, FastChildWatcher, MultiLoopChildWatcher, Pid, PidfdChildWatcher,
+    ReturnCode, SafeChildWatcher, ThreadedChildWatcher,
+};
