@@ -26,6 +26,8 @@
 
 pub mod event_loop;
 pub mod policy;
+#[cfg(any(target_os = "linux", windows))]
+pub mod subprocess;
 pub mod watcher;
 
 pub use event_loop::{
@@ -38,8 +40,16 @@ pub use policy::{
 };
 #[cfg(windows)]
 pub use policy::{WindowsProactorEventLoopPolicy, WindowsSelectorEventLoopPolicy};
-#[cfg(unix)]
-pub use watcher::ThreadedChildWatcher;
+#[cfg(any(target_os = "linux", windows))]
+pub use subprocess::{
+    ChildStderr, ChildStdin, ChildStdout, Command, Process, Stdio, create_subprocess_exec,
+    create_subprocess_shell,
+};
 #[cfg(windows)]
 pub use watcher::WindowsChildWatcher;
 pub use watcher::{ChildCallback, ChildWatcher, Pid, ReturnCode};
+#[cfg(unix)]
+pub use watcher::{
+    FastChildWatcher, MultiLoopChildWatcher, PidfdChildWatcher, SafeChildWatcher,
+    ThreadedChildWatcher,
+};
