@@ -13,7 +13,8 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use childwatch::{
-    ChildWatcher, Command, EventLoop, LoopKind, Process, Stdio, ThreadedChildWatcher,
+    ChildWatcher, Command, EventLoop, FastChildWatcher, LoopKind, MultiLoopChildWatcher,
+    PidfdChildWatcher, Process, SafeChildWatcher, Stdio, ThreadedChildWatcher,
     create_subprocess_exec, create_subprocess_shell, sleep,
 };
 use futures_util::future::{Either, join_all, select};
@@ -890,6 +891,10 @@ impl ChildWatcher for ForeignThreadWatcher {
 // The watcher matrix: one line per watcher.
 matrix! {
     threaded => Ok(Arc::new(ThreadedChildWatcher::new()?)), exclusive: false;
+    safe => Ok(Arc::new(SafeChildWatcher::new()?)), exclusive: false;
+    fast => Ok(Arc::new(FastChildWatcher::new()?)), exclusive: true;
+    multi_loop => Ok(Arc::new(MultiLoopChildWatcher::new()?)), exclusive: false;
+    pidfd => Ok(Arc::new(PidfdChildWatcher::new()?)), exclusive: false;
     foreign_thread => Ok(Arc::new(ForeignThreadWatcher::default())), exclusive: false;
 }
 

@@ -138,7 +138,8 @@ fn throughput() {
     }
     let raw = t0.elapsed().as_secs_f64();
     eprintln!("raw spawn + waitpid(-1): {N} in {raw:.3} s");
-    let watchers: [(&str, fn() -> Arc<dyn ChildWatcher>); 5] = [
+    type Factory = fn() -> Arc<dyn ChildWatcher>;
+    let watchers: [(&str, Factory); 5] = [
         ("threaded", || {
             Arc::new(ThreadedChildWatcher::new().unwrap())
         }),

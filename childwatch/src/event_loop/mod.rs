@@ -798,7 +798,8 @@ impl EventLoop {
         });
     }
 
-    /// Pending callbacks, timers and signal handlers (for tests and debug).
+    /// Pending callbacks, timers and signal handlers (for tests).
+    #[cfg(test)]
     pub(crate) fn pending_counts(&self) -> (usize, usize, bool) {
         (
             self.inner.ready.borrow().len(),
@@ -971,7 +972,14 @@ pub fn sleep(delay: Duration) -> Sleep {
 /// The future returned by [`sleep`].
 pub struct Sleep {
     delay: Duration,
-    state: Option<(Handle, Rc<Cell<bool>>, Rc<RefCell<Option<Waker>>>)>,
+    state: Option<(Handle, Rc<SleepShared>)>,
+}
+
+/// What the timer callback and the future share.
+#[derive(Default)]
+struct SleepShared {
+    fired: Cell<bool>,
+    waker: RefCell<Option<Waker>>,
 }
 
 impl fmt::Debug for Sleep {
@@ -988,31 +996,30 @@ impl Future for Sleep {
                 tracing::warn!("sleep() awaited outside a running event loop; returning at once");
                 return Poll::Ready(());
             };
-            let fired = Rc::new(Cell::new(false));
-            let waker: Rc<RefCell<Option<Waker>>> = Rc::new(RefCell::new(None));
-            let (f2, w2) = (Rc::clone(&fired), Rc::clone(&waker));
+            let shared = Rc::new(SleepShared::default());
+            let s2 = Rc::clone(&shared);
             let h = lp.call_later(self.delay, move || {
-                f2.set(true);
-                if let Some(w) = w2.borrow_mut().take() {
+                s2.fired.set(true);
+                if let Some(w) = s2.waker.borrow_mut().take() {
                     w.wake();
                 }
             });
-            self.state = Some((h, fired, waker));
+            self.state = Some((h, shared));
         }
-        let Some((_, fired, waker)) = &self.state else {
+        let Some((_, shared)) = &self.state else {
             return Poll::Ready(());
         };
-        if fired.get() {
+        if shared.fired.get() {
             return Poll::Ready(());
         }
-        *waker.borrow_mut() = Some(cx.waker().clone());
+        *shared.waker.borrow_mut() = Some(cx.waker().clone());
         Poll::Pending
     }
 }
 
 impl Drop for Sleep {
     fn drop(&mut self) {
-        if let Some((h, _, _)) = &self.state {
+        if let Some((h, _)) = &self.state {
             h.cancel();
         }
     }

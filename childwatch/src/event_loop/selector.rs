@@ -289,16 +289,6 @@ impl Source {
         }
         Poll::Pending
     }
-
-    /// Forgets a readiness seen earlier (after an IO call said EAGAIN).
-    pub(crate) fn clear_ready(&self, dir: Interest) {
-        if let Some(st) = self.selector.inner.sources.borrow_mut().get_mut(self.key) {
-            match dir {
-                Interest::Read => st.read_ready = false,
-                Interest::Write => st.write_ready = false,
-            }
-        }
-    }
 }
 
 impl Drop for Source {

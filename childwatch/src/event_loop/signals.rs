@@ -138,6 +138,7 @@ impl SignalHandlers {
     }
 
     /// Whether any handler is installed.
+    #[cfg(test)]
     pub(crate) fn is_empty(&self) -> bool {
         self.map.is_empty()
     }

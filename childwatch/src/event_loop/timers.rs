@@ -89,6 +89,7 @@ impl Timers {
     }
 
     /// Number of entries still in the heap (cancelled ones included).
+    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.heap.len()
     }

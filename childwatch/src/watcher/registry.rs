@@ -214,10 +214,9 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
-    fn recorder() -> (
-        Arc<Mutex<Vec<(Pid, ReturnCode, &'static str)>>>,
-        impl Fn(&'static str) -> ChildCallback,
-    ) {
+    type Log = Arc<Mutex<Vec<(Pid, ReturnCode, &'static str)>>>;
+
+    fn recorder() -> (Log, impl Fn(&'static str) -> ChildCallback) {
         let log = Arc::new(Mutex::new(Vec::new()));
         let l2 = Arc::clone(&log);
         let make = move |tag: &'static str| -> ChildCallback {

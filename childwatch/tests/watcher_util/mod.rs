@@ -38,9 +38,12 @@ pub fn script_for(rc: ReturnCode) -> String {
     }
 }
 
+/// One delivered exit: pid, returncode, the thread it ran on, a tag.
+pub type Entry = (Pid, ReturnCode, ThreadId, &'static str);
+
 /// Every callback that ran: pid, returncode, thread.
 #[derive(Clone, Default)]
-pub struct Log(Arc<Mutex<Vec<(Pid, ReturnCode, ThreadId, &'static str)>>>);
+pub struct Log(Arc<Mutex<Vec<Entry>>>);
 
 impl Log {
     pub fn cb(&self) -> ChildCallback {
@@ -227,8 +230,8 @@ impl Rng {
 /// each with `w` on the running loop, and checks every status is exact and
 /// reported exactly once (by spawn index: pids may be recycled).
 pub async fn run_batch(w: &Arc<dyn ChildWatcher>, rcs: &[ReturnCode], in_flight: usize) {
-    let got: Arc<Mutex<Vec<Vec<(Pid, ReturnCode)>>>> =
-        Arc::new(Mutex::new(vec![Vec::new(); rcs.len()]));
+    type PerThread = Vec<Vec<(Pid, ReturnCode)>>;
+    let got: Arc<Mutex<PerThread>> = Arc::new(Mutex::new(vec![Vec::new(); rcs.len()]));
     let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut pids = Vec::with_capacity(rcs.len());
     for (i, &rc) in rcs.iter().enumerate() {
