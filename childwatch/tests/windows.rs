@@ -364,3 +364,209 @@ fn no_process_handle_is_left_behind() {
     lp.close().unwrap();
     w.close();
 }
+
+// ------------------------------------------------------------ subprocesses
+
+use childwatch::{Stdio as CwStdio, create_subprocess_exec, create_subprocess_shell};
+
+/// Runs `f` as the main future of a fresh proactor loop.
+fn on_proactor<T>(f: impl AsyncFnOnce() -> T) -> T {
+    let lp = EventLoop::proactor().unwrap();
+    let out = lp.run_until_complete(f()).unwrap();
+    lp.close().unwrap();
+    out
+}
+
+#[test]
+fn subprocesses_report_exit_codes() {
+    let _g = exclusive();
+    let (a, b, c) = on_proactor(async || {
+        let p = create_subprocess_exec("cmd.exe", ["/c", "exit 5"])
+            .spawn()
+            .unwrap();
+        assert!(p.pid() > 0);
+        let a = p.wait().await.unwrap();
+        let p = create_subprocess_shell("exit 3").spawn().unwrap();
+        // Two concurrent waits see the same code.
+        let (b1, b2) = futures_util::future::join(p.wait(), p.wait()).await;
+        assert_eq!(b1.unwrap(), b2.unwrap());
+        let c = p.returncode();
+        (a, p.wait().await.unwrap(), c)
+    });
+    assert_eq!((a, b, c), (5, 3, Some(3)));
+}
+
+#[test]
+fn communicate_feeds_stdin_and_collects_both_streams() {
+    let _g = exclusive();
+    // `find "line"` copies every line of its stdin that contains "line" (all
+    // of them) to its stdout: a `cat` present on Windows and in wine.
+    let input: Vec<u8> = (0..4000)
+        .flat_map(|i| format!("line {i}\r\n").into_bytes())
+        .collect();
+    let (out, err, rc) = on_proactor(async || {
+        let mut p = create_subprocess_exec("find.exe", ["line"])
+            .stdin(CwStdio::piped())
+            .stdout(CwStdio::piped())
+            .stderr(CwStdio::piped())
+            .spawn()
+            .unwrap();
+        let (out, err) = p.communicate(Some(&input)).await.unwrap();
+        let again = p.communicate(None).await.unwrap_err();
+        assert_eq!(again.kind(), std::io::ErrorKind::Other);
+        (out, err, p.returncode())
+    });
+    assert_eq!(rc, Some(0), "stderr: {}", String::from_utf8_lossy(&err));
+    let out = String::from_utf8_lossy(&out);
+    let lines: Vec<&str> = out.lines().filter(|l| !l.is_empty()).collect();
+    assert_eq!(lines.len(), 4000, "{:?}", &lines[..lines.len().min(5)]);
+    assert_eq!(lines[0], "line 0");
+    assert_eq!(lines[3999], "line 3999");
+}
+
+#[test]
+fn shell_quoting_and_stderr_into_stdout() {
+    let _g = exclusive();
+    let (out, rc) = on_proactor(async || {
+        let mut p = create_subprocess_shell(r#"echo plain& echo "quoted & kept" 1>&2& exit 4"#)
+            .stdout(CwStdio::piped())
+            .stderr(CwStdio::stdout())
+            .spawn()
+            .unwrap();
+        assert!(p.stderr.is_none());
+        let (out, err) = p.communicate(None).await.unwrap();
+        assert!(err.is_empty());
+        (String::from_utf8_lossy(&out).into_owned(), p.returncode())
+    });
+    assert!(out.contains("plain"), "{out:?}");
+    assert!(out.contains("\"quoted & kept\""), "{out:?}");
+    assert_eq!(rc, Some(4));
+}
+
+#[test]
+fn terminate_kill_and_signals() {
+    let _g = exclusive();
+    on_proactor(async || {
+        let p = create_subprocess_exec("cmd.exe", ["/c", "set /p x="])
+            .stdin(CwStdio::piped())
+            .spawn()
+            .unwrap();
+        let e = p.send_signal(2).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
+        assert_eq!(p.returncode(), None);
+        p.terminate().unwrap();
+        assert_eq!(p.wait().await.unwrap(), 1);
+        // Once it exited these are no-ops.
+        p.kill().unwrap();
+        p.terminate().unwrap();
+        p.send_signal(15).unwrap();
+
+        let p = create_subprocess_exec("cmd.exe", ["/c", "set /p x="])
+            .stdin(CwStdio::piped())
+            .spawn()
+            .unwrap();
+        p.send_signal(9).unwrap();
+        assert_eq!(p.wait().await.unwrap(), 1);
+
+        // kill_on_drop: the child dies with its Process.
+        let p = create_subprocess_exec("cmd.exe", ["/c", "set /p x="])
+            .stdin(CwStdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let pid = p.pid();
+        let (tx, rx) = mpsc::channel();
+        let w = WindowsChildWatcher::new().unwrap();
+        w.add_child_handler(pid, Box::new(move |_, rc| tx.send(rc).unwrap()))
+            .unwrap();
+        drop(p);
+        // The callback comes to this (running) loop: wait for it here.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let rc = loop {
+            if let Ok(rc) = rx.try_recv() {
+                break rc;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no exit reported after kill_on_drop"
+            );
+            childwatch::sleep(Duration::from_millis(5)).await;
+        };
+        assert_eq!(rc, 1);
+        w.close();
+    });
+}
+
+#[test]
+fn bad_spawns_are_clear_errors() {
+    let _g = exclusive();
+    // No running loop.
+    let e = create_subprocess_exec("cmd.exe", ["/c", "exit 0"])
+        .spawn()
+        .unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::Other);
+    on_proactor(async || {
+        let e = create_subprocess_exec("no-such-program-anywhere", ["x"])
+            .spawn()
+            .unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::NotFound, "{e}");
+        let e = create_subprocess_exec("", [""; 0]).spawn().unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
+        let e = create_subprocess_exec("cmd.exe", ["a\0b"])
+            .spawn()
+            .unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
+        let e = create_subprocess_exec("cmd.exe", ["/c", "exit 0"])
+            .current_dir(r"C:\no\such\directory")
+            .spawn()
+            .unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::NotFound);
+    });
+    // Pipes need the proactor (asyncio's selector loop has no subprocesses
+    // on Windows); without pipes the selector loop can still run a child.
+    let lp = EventLoop::selector().unwrap();
+    lp.run_until_complete(async {
+        let e = create_subprocess_exec("cmd.exe", ["/c", "exit 0"])
+            .stdout(CwStdio::piped())
+            .spawn()
+            .unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::Unsupported);
+        let p = create_subprocess_exec("cmd.exe", ["/c", "exit 6"])
+            .spawn()
+            .unwrap();
+        assert_eq!(p.wait().await.unwrap(), 6);
+    })
+    .unwrap();
+}
+
+#[test]
+fn subprocesses_leave_no_handle_behind() {
+    let _g = exclusive();
+    let lp = EventLoop::proactor().unwrap();
+    let run = |n: usize| {
+        lp.run_until_complete(async {
+            for i in 0..n {
+                let mut p = create_subprocess_shell(&format!("echo {i}& exit {i}"))
+                    .stdin(CwStdio::piped())
+                    .stdout(CwStdio::piped())
+                    .stderr(CwStdio::piped())
+                    .spawn()
+                    .unwrap();
+                let (out, _) = p.communicate(Some(b"ignored")).await.unwrap();
+                assert!(String::from_utf8_lossy(&out).contains(&i.to_string()));
+                assert_eq!(p.returncode(), Some(i as i32));
+            }
+        })
+        .unwrap();
+    };
+    run(3); // warm up
+    let before = handle_count();
+    run(10);
+    let settled = eventually(|| handle_count() <= before);
+    assert!(
+        settled,
+        "handles before: {before}, after: {}",
+        handle_count()
+    );
+    lp.close().unwrap();
+}

@@ -181,6 +181,7 @@ impl SignalHandlers {
     pub(crate) fn collect(&self, _pending: u64, _out: &mut impl FnMut(Callback)) {}
 
     /// Always empty.
+    #[cfg(test)]
     pub(crate) fn is_empty(&self) -> bool {
         true
     }

@@ -152,16 +152,19 @@ impl Registry {
     }
 
     /// Whether `pid` has a handler.
+    #[cfg_attr(windows, allow(dead_code))] // used by the unix watchers
     pub(crate) fn contains(&self, pid: Pid) -> bool {
         self.lock().handlers.contains_key(&pid)
     }
 
     /// The registered pids.
+    #[cfg_attr(windows, allow(dead_code))] // used by the unix watchers
     pub(crate) fn pids(&self) -> Vec<Pid> {
         self.lock().handlers.keys().copied().collect()
     }
 
     /// Number of registered pids.
+    #[cfg_attr(windows, allow(dead_code))] // used by the unix watchers
     pub(crate) fn len(&self) -> usize {
         self.lock().handlers.len()
     }
@@ -187,6 +190,7 @@ impl Registry {
     }
 
     /// Takes the handler of `pid` without delivering it.
+    #[cfg_attr(windows, allow(dead_code))] // used by the unix watchers
     pub(crate) fn take(&self, pid: Pid) -> Option<Handler> {
         self.lock().handlers.remove(&pid)
     }
@@ -204,6 +208,7 @@ impl Registry {
     }
 
     /// Forgets kept exits (Fast's zombies once a spawn section ends).
+    #[cfg_attr(windows, allow(dead_code))] // used by the unix watchers
     pub(crate) fn clear_early(&self) -> Vec<(Pid, ReturnCode)> {
         self.lock().early.drain().collect()
     }
