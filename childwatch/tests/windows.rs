@@ -309,6 +309,25 @@ fn remove_and_close_release_the_waits() {
 }
 
 #[test]
+fn a_dropped_watcher_releases_its_handles() {
+    let _g = exclusive();
+    let (mut child, stdin) = long_running();
+    let before = handle_count();
+    let w = WindowsChildWatcher::new().unwrap();
+    w.add_child_handler(pid_of(&child), Box::new(|_, _| {}))
+        .unwrap();
+    assert_eq!(w.watched(), 1);
+    drop(w);
+    assert!(
+        eventually(|| handle_count() <= before),
+        "handles before: {before}, after: {}",
+        handle_count()
+    );
+    drop(stdin);
+    child.wait().unwrap();
+}
+
+#[test]
 fn the_policy_watcher_is_the_windows_watcher() {
     let _g = exclusive();
     let w = childwatch::get_child_watcher();

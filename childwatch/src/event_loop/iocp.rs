@@ -17,7 +17,7 @@
 //!
 //! # Operations and memory safety
 //!
-//! Exactly as for io_uring ([`super::proactor`] on Linux): [`Iocp::submit`]
+//! Exactly as for io_uring (`proactor.rs` on Linux): [`Iocp::submit`]
 //! moves the operation's `OVERLAPPED` and buffers into the loop's operation
 //! table, boxed so that they never move, and they stay there until the
 //! completion packet arrives — not until the future is dropped. Dropping an

@@ -9,7 +9,7 @@
 //! the child's end is an ordinary blocking handle that `std::process`
 //! duplicates into the child as inheritable, and ours is never inherited.
 //!
-//! Reads and writes are IOCP operations ([`crate::event_loop::iocp`]):
+//! Reads and writes are IOCP operations (`event_loop/iocp.rs`):
 //! completion-based exactly like the io_uring pipes on Linux. A read owns
 //! its buffer across polls, so a cancelled `poll_read` loses nothing; a write
 //! copies the caller's bytes and reports them accepted (a one-chunk

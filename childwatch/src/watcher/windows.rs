@@ -18,8 +18,9 @@
 //!
 //! The returncode is the process's exit code (`TerminateProcess(h, 1)` gives
 //! 1); codes above `i32::MAX` (NTSTATUS crash codes such as `0xC0000005`)
-//! wrap to negative numbers. A pid that cannot be opened (unknown, already
-//! gone with no handle left open) gives 255 with a warning.
+//! wrap to negative numbers. A pid that names no process (unknown, or gone
+//! with no handle left open) gives 255 with a warning; one that exists but
+//! cannot be opened (access denied) is an error of `add_child_handler`.
 //!
 //! Races: the pool callback, `close`/`remove_child_handler` and the
 //! registering thread agree through a small lock on each wait which of them
@@ -34,7 +35,9 @@ use std::ptr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
-use windows_sys::Win32::Foundation::{CloseHandle, HANDLE, INVALID_HANDLE_VALUE};
+use windows_sys::Win32::Foundation::{
+    CloseHandle, ERROR_INVALID_PARAMETER, HANDLE, INVALID_HANDLE_VALUE,
+};
 use windows_sys::Win32::System::Threading::{
     GetExitCodeProcess, INFINITE, OpenProcess, PROCESS_QUERY_LIMITED_INFORMATION,
     PROCESS_SYNCHRONIZE, RegisterWaitForSingleObject, UnregisterWaitEx, WT_EXECUTEONLYONCE,
@@ -170,6 +173,23 @@ impl Inner {
     }
 }
 
+impl Drop for Inner {
+    /// A watcher dropped without `close()` still releases its waits and
+    /// process handles (callbacks already claimed finish on their own).
+    fn drop(&mut self) {
+        let waits: Vec<Arc<Wait>> = self
+            .waits
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .map(|(_, w)| w)
+            .collect();
+        for w in waits {
+            Inner::cancel(&w);
+        }
+    }
+}
+
 /// Watches each child with a one-shot wait on the OS thread pool; the
 /// default watcher on Windows. See the module docs.
 #[derive(Clone)]
@@ -210,9 +230,18 @@ impl WindowsChildWatcher {
         };
         if process.is_null() {
             let e = io::Error::last_os_error();
-            tracing::debug!("OpenProcess({pid}) failed: {e}");
-            self.inner.registry.exited(pid, lost(pid), false);
-            return Ok(());
+            if e.raw_os_error() == Some(ERROR_INVALID_PARAMETER as i32) {
+                // No such process (any more): its status is lost.
+                self.inner.registry.exited(pid, lost(pid), false);
+                return Ok(());
+            }
+            // It exists but cannot be watched (e.g. access denied): an
+            // error for the caller rather than a made-up exit.
+            self.inner.registry.remove(pid);
+            return Err(io::Error::new(
+                e.kind(),
+                format!("cannot open pid {pid} to watch it (OpenProcess): {e}"),
+            ));
         }
         let w = Arc::new(Wait {
             pid,
