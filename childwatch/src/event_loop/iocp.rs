@@ -154,6 +154,9 @@ struct WaitCtx {
 
 /// Runs on the OS thread pool when the waited-on handle is signalled (or the
 /// timeout elapsed): posts the completion to the loop's port.
+///
+/// # Safety
+/// Only called by Windows, with the context given at registration.
 unsafe extern "system" fn wait_callback(ctx: *mut c_void, timed_out: bool) {
     // SAFETY: `ctx` is the `Arc<WaitCtx>` reference owned by the
     // registration; it is released only after `UnregisterWaitEx` (blocking)

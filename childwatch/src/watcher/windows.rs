@@ -103,6 +103,9 @@ fn unregister_blocking(wait: usize) {
 }
 
 /// The pool callback: the process ended.
+///
+/// # Safety
+/// Only called by Windows, with the context given at registration.
 unsafe extern "system" fn on_exit(ctx: *mut c_void, _timed_out: bool) {
     let raw = ctx as *const Wait;
     // SAFETY: the registration's reference keeps the Wait alive until
