@@ -589,3 +589,28 @@ fn subprocesses_leave_no_handle_behind() {
     );
     lp.close().unwrap();
 }
+
+/// Stress (run with `--ignored`): 200 children in flight at once through
+/// `create_subprocess_exec`; every exit reported once, with its own code.
+#[test]
+#[ignore]
+fn stress_200_children_in_flight() {
+    let _g = exclusive();
+    let start = Instant::now();
+    let codes = on_proactor(async || {
+        let procs: Vec<_> = (0..200)
+            .map(|i| {
+                create_subprocess_exec("cmd.exe", ["/c", &format!("exit {i}")])
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let mut codes = Vec::new();
+        for p in &procs {
+            codes.push(p.wait().await.unwrap());
+        }
+        codes
+    });
+    assert_eq!(codes, (0..200).collect::<Vec<_>>());
+    eprintln!("200 children: {:?}", start.elapsed());
+}
