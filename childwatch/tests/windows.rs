@@ -574,6 +574,14 @@ fn subprocesses_leave_no_handle_behind() {
                 let (out, _) = p.communicate(Some(b"ignored")).await.unwrap();
                 assert!(String::from_utf8_lossy(&out).contains(&i.to_string()));
                 assert_eq!(p.returncode(), Some(i as i32));
+                // A failed spawn with pipes leaves nothing open either.
+                let e = create_subprocess_exec("no-such-program-anywhere", [""; 0])
+                    .stdin(CwStdio::piped())
+                    .stdout(CwStdio::piped())
+                    .stderr(CwStdio::stdout())
+                    .spawn()
+                    .unwrap_err();
+                assert_eq!(e.kind(), std::io::ErrorKind::NotFound);
             }
         })
         .unwrap();
