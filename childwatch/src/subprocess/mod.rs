@@ -317,6 +317,8 @@ impl Command {
     /// Runs the child in a new session (`setsid`), as asyncio's
     /// `start_new_session=True`; the child is then its own session and
     /// process-group leader.
+    ///
+    /// On Windows: `CREATE_NEW_PROCESS_GROUP` (the closest equivalent).
     pub fn start_new_session(&mut self, on: bool) -> &mut Command {
         self.new_session = on;
         self
@@ -324,13 +326,16 @@ impl Command {
 
     /// Puts the child in process group `pgroup` (0: a new group led by the
     /// child), as asyncio's `process_group=`.
+    ///
+    /// On Windows only 0 is possible (`CREATE_NEW_PROCESS_GROUP`); another
+    /// group is `InvalidInput` at spawn.
     pub fn process_group(&mut self, pgroup: Pid) -> &mut Command {
         self.process_group = Some(pgroup);
         self
     }
 
     /// Whether dropping the [`Process`] kills the child (SIGKILL, through its
-    /// pidfd). Off by default: a dropped `Process` leaves the child running,
+    /// pidfd; on Windows `TerminateProcess`). Off by default: a dropped `Process` leaves the child running,
     /// and the watcher still reaps it when it exits.
     pub fn kill_on_drop(&mut self, on: bool) -> &mut Command {
         self.kill_on_drop = on;
