@@ -405,6 +405,12 @@ fn subprocesses_report_exit_codes() {
             .unwrap();
         assert!(p.pid() > 0);
         let a = p.wait().await.unwrap();
+        // A new process group (Windows' analog of a new session) works too.
+        let g = create_subprocess_exec("cmd.exe", ["/c", "exit 9"])
+            .start_new_session(true)
+            .spawn()
+            .unwrap();
+        assert_eq!(g.wait().await.unwrap(), 9);
         let p = create_subprocess_shell("exit 3").spawn().unwrap();
         // Two concurrent waits see the same code.
         let (b1, b2) = futures_util::future::join(p.wait(), p.wait()).await;
