@@ -266,7 +266,7 @@ impl Backend {
             #[cfg(target_os = "linux")]
             Backend::Proactor(p) => p.shutdown(),
             #[cfg(unix)]
-            Backend::Selector(_) => {}
+            Backend::Selector(s) => s.shutdown(),
         }
     }
 }
