@@ -35,4 +35,6 @@ pub use policy::{
     get_child_watcher, get_event_loop, get_event_loop_policy, new_event_loop, proactor_supported,
     set_child_watcher, set_event_loop, set_event_loop_policy,
 };
+#[cfg(target_os = "linux")]
+pub use watcher::UringChildWatcher;
 pub use watcher::{ChildCallback, ChildWatcher, Pid, ReturnCode, ThreadedChildWatcher};

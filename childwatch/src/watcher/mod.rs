@@ -11,8 +11,12 @@ use crate::event_loop::EventLoop;
 pub(crate) mod registry;
 pub mod status;
 mod threaded;
+#[cfg(target_os = "linux")]
+mod uring;
 
 pub use threaded::ThreadedChildWatcher;
+#[cfg(target_os = "linux")]
+pub use uring::UringChildWatcher;
 
 /// A process id.
 pub type Pid = i32;
