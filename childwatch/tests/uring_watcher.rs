@@ -844,3 +844,36 @@ fn kill_and_reap_poll_vs_waitid() {
         w.close();
     }
 }
+
+#[test]
+fn added_from_a_thread_that_exits_before_the_child() {
+    let _g = shared();
+    for (mode, budget) in MODES.into_iter().flat_map(|m| BUDGETS.map(|b| (m, b))) {
+        let w = Arc::new(watcher(budget));
+        let res = Results::new();
+        let pids: Vec<Pid> = (0..4).map(|_| sleeper()).collect();
+        let (w2, r2, p2) = (Arc::clone(&w), Arc::clone(&res), pids.clone());
+        // The submitting thread (and its loop) is gone when the children
+        // exit: their exits must still be reported exactly.
+        thread::spawn(move || {
+            Env::new(mode).drive(
+                || {
+                    for pid in p2 {
+                        w2.add_child_handler(pid, r2.callback()).unwrap();
+                    }
+                },
+                || true,
+            );
+        })
+        .join()
+        .unwrap();
+        for &pid in &pids {
+            kill(pid, libc::SIGTERM);
+        }
+        drive(Mode::NoLoop, || {}, || res.len() == pids.len());
+        for &pid in &pids {
+            assert_eq!(res.get(pid), vec![-15], "{mode:?} budget {budget}");
+        }
+        w.close();
+    }
+}

@@ -211,6 +211,33 @@ fn check_pidfd(pid: Pid, fd: BorrowedFd<'_>) -> Check {
     }
 }
 
+/// A `WAITID` said `ECHILD`. io_uring runs a `WAITID`'s wait in the context
+/// of the thread that submitted it; once that thread has exited, the wait
+/// finds no children at all and fails with `ECHILD` even though the child is
+/// ours (and may still run, or be a zombie nobody reaped). So ask again from
+/// this thread: the status if it exited (reaping it), `None` if it still
+/// runs, 255 with a warning only if it really is not our child.
+fn recheck_echild(pid: Pid) -> Option<ReturnCode> {
+    let Ok(p) = rpid(pid) else {
+        return Some(lost(pid));
+    };
+    loop {
+        match waitid(
+            WaitId::Pid(p),
+            WaitIdOptions::EXITED | WaitIdOptions::NOHANG,
+        ) {
+            Ok(Some(st)) => return status::from_waitid(&st),
+            Ok(None) => return None,
+            Err(Errno::INTR) => continue,
+            Err(Errno::CHILD) => return Some(lost(pid)),
+            Err(e) => {
+                tracing::error!("waitid(P_PID, {pid}) failed: {e}");
+                return Some(lost(pid));
+            }
+        }
+    }
+}
+
 /// Reaps `pid` if it already exited (status discarded); true if it still runs.
 fn reap_if_dead(pid: Pid) -> bool {
     let Ok(p) = rpid(pid) else { return false };
@@ -654,8 +681,17 @@ impl Core {
                             self.start(tag, op);
                         }
                     }
-                } else if res == -libc::ECHILD {
-                    exits.push((pid, tag, lost(pid)));
+                } else if res == -libc::ECHILD && op.errors < MAX_ERRORS {
+                    match recheck_echild(pid) {
+                        Some(rc) => exits.push((pid, tag, rc)),
+                        None => {
+                            // Submitted by a thread that exited: wait again
+                            // from this (living) thread.
+                            op.errors += 1;
+                            op.kind = OwnKind::Wait(si, count);
+                            self.start(tag, op);
+                        }
+                    }
                 } else if op.errors < MAX_ERRORS {
                     if res != -libc::ECANCELED {
                         tracing::warn!(
@@ -989,7 +1025,14 @@ impl Future for LoopWatch {
                             None => this.wait_again(si, count),
                         },
                         Err(e) if e.raw_os_error() == Some(libc::ECHILD) => {
-                            this.exit(lost(this.pid))
+                            match recheck_echild(this.pid) {
+                                Some(rc) => this.exit(rc),
+                                None if this.errors < MAX_ERRORS => {
+                                    this.errors += 1;
+                                    this.wait_again(si, count);
+                                }
+                                None => this.hand_over(),
+                            }
                         }
                         Err(e) => {
                             this.error("WAITID", e);
@@ -1024,8 +1067,10 @@ impl Drop for LoopWatch {
                         }
                     }
                     Err(e) if e.raw_os_error() == Some(libc::ECHILD) => {
-                        self.exit(lost(self.pid));
-                        return;
+                        if let Some(rc) = recheck_echild(self.pid) {
+                            self.exit(rc);
+                            return;
+                        }
                     }
                     Err(_) => {}
                 }
