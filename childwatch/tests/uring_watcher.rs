@@ -113,6 +113,8 @@ fn drive(mode: Mode, setup: impl FnOnce(), done: impl Fn() -> bool) {
 #[derive(Default)]
 struct Results {
     map: Mutex<HashMap<Pid, Vec<(ReturnCode, ThreadId)>>>,
+    /// Callbacks run (pids can be reused within a long run).
+    total: std::sync::atomic::AtomicUsize,
 }
 
 impl Results {
@@ -128,6 +130,7 @@ impl Results {
                 .entry(pid)
                 .or_default()
                 .push((rc, thread::current().id()));
+            r.total.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         })
     }
     fn tagged(self: &Arc<Self>, tag: ReturnCode) -> ChildCallback {
@@ -143,6 +146,9 @@ impl Results {
     }
     fn len(&self) -> usize {
         self.map.lock().unwrap().len()
+    }
+    fn total(&self) -> usize {
+        self.total.load(std::sync::atomic::Ordering::SeqCst)
     }
     fn get(&self, pid: Pid) -> Vec<ReturnCode> {
         self.map
@@ -751,7 +757,7 @@ fn stress_100k_children() {
         let start = Instant::now();
         let spawn_some = |rng: &mut Rng| {
             let mut e = expected.lock().unwrap();
-            while e.len() < per_mode && e.len() - res.len() < 256 {
+            while e.len() < per_mode && e.len() - res.total() < 256 {
                 let (pid, rc) = random_child(rng);
                 w.add_child_handler(pid, res.callback()).unwrap();
                 e.push((pid, rc));
@@ -759,7 +765,7 @@ fn stress_100k_children() {
         };
         match mode {
             Mode::NoLoop => {
-                while res.len() < per_mode {
+                while res.total() < per_mode {
                     spawn_some(&mut rng);
                     thread::sleep(Duration::from_micros(200));
                 }
@@ -768,7 +774,7 @@ fn stress_100k_children() {
                 let env = Env::new(mode);
                 let Some(lp) = &env.lp else { unreachable!() };
                 lp.run_until_complete(async {
-                    while res.len() < per_mode {
+                    while res.total() < per_mode {
                         spawn_some(&mut rng);
                         childwatch::sleep(Duration::from_micros(200)).await;
                     }
@@ -776,16 +782,22 @@ fn stress_100k_children() {
                 .unwrap();
             }
         }
-        let mut wrong = 0;
-        let e = expected.lock().unwrap();
-        for &(pid, rc) in e.iter() {
-            // A pid can be reused within one run: compare as a multiset.
-            let got = res.get(pid);
-            if !got.contains(&rc) {
-                wrong += 1;
-            }
+        // A pid can be reused within one run: compare per pid, in order.
+        let mut want: HashMap<Pid, Vec<ReturnCode>> = HashMap::new();
+        for &(pid, rc) in expected.lock().unwrap().iter() {
+            want.entry(pid).or_default().push(rc);
         }
-        let delivered: usize = res.map.lock().unwrap().values().map(|v| v.len()).sum();
+        let wrong = want
+            .iter()
+            .filter(|&(&pid, rcs)| {
+                let mut got = res.get(pid);
+                let mut rcs = rcs.clone();
+                got.sort_unstable();
+                rcs.sort_unstable();
+                got != rcs
+            })
+            .count();
+        let delivered = res.total();
         println!(
             "{mode:?}: {per_mode} children in {:.1?}, {delivered} callbacks, {wrong} wrong",
             start.elapsed()
