@@ -889,3 +889,59 @@ fn added_from_a_thread_that_exits_before_the_child() {
         w.close();
     }
 }
+
+#[test]
+fn emfile_falls_back_to_waitid() {
+    let _g = exclusive();
+    for mode in MODES {
+        let w = watcher(usize::MAX);
+        let res = Results::new();
+        let env = Env::new(mode);
+        let pids: Vec<Pid> = (0..12).map(|_| sleeper()).collect();
+        // The first child also creates the watcher's own ring, if it needs one.
+        env.drive(
+            || w.add_child_handler(pids[0], res.callback()).unwrap(),
+            || true,
+        );
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: plain syscalls on a local struct.
+        unsafe { assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0) };
+        let low = libc::rlimit {
+            rlim_cur: (count_dir("/proc/self/fd") + 3) as libc::rlim_t,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: as above; restored right after the registrations.
+        unsafe { assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &low), 0) };
+        let added = std::cell::RefCell::new(Ok(()));
+        env.drive(
+            || {
+                for &pid in &pids[1..] {
+                    let r = w.add_child_handler(pid, res.callback());
+                    if r.is_err() {
+                        *added.borrow_mut() = r;
+                    }
+                }
+            },
+            || true,
+        );
+        // SAFETY: as above.
+        unsafe { assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0) };
+        added.into_inner().unwrap();
+        assert!(
+            w.waitids_pending() > 0,
+            "{mode:?}: no child fell back to WAITID"
+        );
+        assert!(w.pidfds_held() > 0);
+        env.drive(
+            || pids.iter().for_each(|&p| kill(p, libc::SIGKILL)),
+            || res.len() == pids.len(),
+        );
+        for &pid in &pids {
+            assert_eq!(res.get(pid), vec![-9], "{mode:?}");
+        }
+        w.close();
+    }
+}
