@@ -45,6 +45,8 @@ pub use subprocess::{
     ChildStderr, ChildStdin, ChildStdout, Command, Process, Stdio, create_subprocess_exec,
     create_subprocess_shell,
 };
+#[cfg(target_os = "linux")]
+pub use watcher::UringChildWatcher;
 #[cfg(windows)]
 pub use watcher::WindowsChildWatcher;
 pub use watcher::{ChildCallback, ChildWatcher, Pid, ReturnCode};

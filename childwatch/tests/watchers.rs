@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use childwatch::{
     ChildWatcher, EventLoop, LoopKind, MultiLoopChildWatcher, PidfdChildWatcher, SafeChildWatcher,
-    ThreadedChildWatcher, sleep,
+    ThreadedChildWatcher, UringChildWatcher, sleep,
 };
 use watcher_util::*;
 
@@ -61,6 +61,8 @@ watcher_suite!(threaded, ThreadedChildWatcher::new().unwrap(), extra: [spawned_f
 watcher_suite!(safe, SafeChildWatcher::new().unwrap());
 watcher_suite!(multi_loop, MultiLoopChildWatcher::new().unwrap(), extra: [spawned_from_four_loops]);
 watcher_suite!(pidfd, PidfdChildWatcher::new().unwrap(), extra: [spawned_from_four_loops]);
+watcher_suite!(uring, UringChildWatcher::new().unwrap(), extra: [spawned_from_four_loops]);
+watcher_suite!(uring_waitid_only, UringChildWatcher::new().unwrap().with_fd_budget(0), extra: [spawned_from_four_loops]);
 
 // ---- watcher-specific behaviour
 

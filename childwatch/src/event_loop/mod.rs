@@ -277,7 +277,7 @@ impl Backend {
             #[cfg(windows)]
             Backend::Iocp(p) => p.shutdown(),
             #[cfg(any(unix, windows))]
-            Backend::Selector(_) => {}
+            Backend::Selector(s) => s.shutdown(),
         }
     }
 }

@@ -73,6 +73,7 @@ struct Inner {
     sources: RefCell<Slab<SourceState>>,
     #[cfg(unix)]
     notify_fd: RawFd,
+    shut_down: std::cell::Cell<bool>,
 }
 
 /// One loop's epoll instance and the sources registered with it.
@@ -113,6 +114,7 @@ impl Selector {
                     poller,
                     events: RefCell::new(Events::new()),
                     sources: RefCell::new(Slab::new()),
+                    shut_down: std::cell::Cell::new(false),
                 }),
             })
         }
@@ -133,6 +135,7 @@ impl Selector {
                 events: RefCell::new(Events::new()),
                 sources: RefCell::new(Slab::new()),
                 notify_fd,
+                shut_down: std::cell::Cell::new(false),
             }),
         })
     }
@@ -202,6 +205,26 @@ impl Selector {
         Ok(())
     }
 
+    /// The loop is closing: wakes every reader and writer still waiting, so
+    /// that their tasks are dropped (their loop refuses to run them) and
+    /// release their sources. Without this, a task waiting on a descriptor
+    /// and the selector would keep each other alive forever through the
+    /// stored waker. Waiting afterwards fails at once.
+    pub(crate) fn shutdown(&self) {
+        self.inner.shut_down.set(true);
+        let wakers: Vec<Waker> = self
+            .inner
+            .sources
+            .borrow_mut()
+            .iter_mut()
+            .flat_map(|(_, st)| [st.reader.take(), st.writer.take()])
+            .flatten()
+            .collect();
+        for w in wakers {
+            w.wake();
+        }
+    }
+
     /// Registers `fd` (a socket on Windows) with no interest yet.
     ///
     /// # Safety
@@ -263,6 +286,9 @@ impl Source {
     /// Ready if an event in direction `dir` arrived since the last time this
     /// returned ready; otherwise arms interest and stores the waker.
     pub(crate) fn poll_ready(&self, cx: &mut Context<'_>, dir: Interest) -> Poll<io::Result<()>> {
+        if self.selector.inner.shut_down.get() {
+            return Poll::Ready(Err(io::Error::other("the event loop is closed")));
+        }
         let mut sources = self.selector.inner.sources.borrow_mut();
         let Some(st) = sources.get_mut(self.key) else {
             return Poll::Ready(Err(io::Error::other("source is no longer registered")));

@@ -31,6 +31,8 @@ mod safe;
 pub mod status;
 #[cfg(unix)]
 mod threaded;
+#[cfg(target_os = "linux")]
+mod uring;
 #[cfg(windows)]
 mod windows;
 
@@ -44,6 +46,8 @@ pub use pidfd::PidfdChildWatcher;
 pub use safe::SafeChildWatcher;
 #[cfg(unix)]
 pub use threaded::ThreadedChildWatcher;
+#[cfg(target_os = "linux")]
+pub use uring::UringChildWatcher;
 #[cfg(windows)]
 pub use windows::WindowsChildWatcher;
 
@@ -112,7 +116,13 @@ pub(crate) fn default_watcher() -> std::sync::Arc<dyn ChildWatcher> {
 /// else Pidfd where pidfds work, else Threaded (each probed once).
 #[cfg(unix)]
 pub(crate) fn default_watcher() -> std::sync::Arc<dyn ChildWatcher> {
-    // Uring (io_uring WAITID, Linux 6.7+) goes first here.
+    #[cfg(target_os = "linux")]
+    if UringChildWatcher::is_supported() {
+        match UringChildWatcher::new() {
+            Ok(w) => return std::sync::Arc::new(w),
+            Err(e) => tracing::warn!("cannot create a UringChildWatcher: {e}"),
+        }
+    }
     if PidfdChildWatcher::is_supported() {
         match PidfdChildWatcher::new() {
             Ok(w) => return std::sync::Arc::new(w),

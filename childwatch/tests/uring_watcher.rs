@@ -1,0 +1,946 @@
+//! `UringChildWatcher` with real children, on a proactor loop, a selector
+//! loop and with no running loop, through both of its paths: `POLL_ADD` on
+//! pidfds (within the descriptor budget) and `WAITID` (budget 0, or beyond
+//! it).
+//!
+//! Tests that count the process's descriptors and threads take the global
+//! lock for writing; every other test takes it for reading, so the counts are
+//! never disturbed by a test running in parallel.
+#![cfg(target_os = "linux")]
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::thread::{self, ThreadId};
+use std::time::{Duration, Instant};
+
+use childwatch::{ChildCallback, ChildWatcher, EventLoop, Pid, ReturnCode, UringChildWatcher};
+
+static PROCESS: RwLock<()> = RwLock::new(());
+
+fn shared() -> RwLockReadGuard<'static, ()> {
+    PROCESS.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn exclusive() -> RwLockWriteGuard<'static, ()> {
+    PROCESS.write().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A guard against hangs, not a timing assertion.
+const HANG: Duration = Duration::from_secs(90);
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Mode {
+    Proactor,
+    Selector,
+    NoLoop,
+}
+
+const MODES: [Mode; 3] = [Mode::Proactor, Mode::Selector, Mode::NoLoop];
+
+/// Descriptor budgets exercising the pidfd path (large) and the WAITID path (0).
+const BUDGETS: [usize; 2] = [1 << 16, 0];
+
+fn watcher(budget: usize) -> UringChildWatcher {
+    assert!(
+        UringChildWatcher::is_supported(),
+        "this kernel lacks io_uring WAITID"
+    );
+    UringChildWatcher::new().unwrap().with_fd_budget(budget)
+}
+
+/// Where a test runs: inside a running loop of `mode` (one loop for the
+/// whole test, closed when the `Env` drops) or on this thread with no loop.
+struct Env {
+    lp: Option<EventLoop>,
+}
+
+impl Env {
+    fn new(mode: Mode) -> Env {
+        let lp = match mode {
+            Mode::Proactor => Some(EventLoop::proactor().unwrap()),
+            Mode::Selector => Some(EventLoop::selector().unwrap()),
+            Mode::NoLoop => None,
+        };
+        Env { lp }
+    }
+
+    /// Runs `setup`, then waits until `done()`.
+    fn drive(&self, setup: impl FnOnce(), done: impl Fn() -> bool) {
+        let start = Instant::now();
+        match &self.lp {
+            None => {
+                setup();
+                while !done() {
+                    assert!(start.elapsed() < HANG, "timed out: a callback never came");
+                    thread::sleep(Duration::from_millis(2));
+                }
+            }
+            Some(lp) => {
+                lp.run_until_complete(async {
+                    setup();
+                    while !done() {
+                        assert!(start.elapsed() < HANG, "timed out: a callback never came");
+                        childwatch::sleep(Duration::from_millis(2)).await;
+                    }
+                })
+                .unwrap();
+            }
+        }
+    }
+
+    /// Lets the loop (or this thread) run for `d`.
+    fn idle(&self, d: Duration) {
+        let t = Instant::now();
+        self.drive(|| {}, || t.elapsed() >= d);
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let Some(lp) = self.lp.take() {
+            let _ = lp.close();
+        }
+    }
+}
+
+fn drive(mode: Mode, setup: impl FnOnce(), done: impl Fn() -> bool) {
+    Env::new(mode).drive(setup, done);
+}
+
+/// Exit statuses received, with the thread each callback ran on.
+#[derive(Default)]
+struct Results {
+    map: Mutex<HashMap<Pid, Vec<(ReturnCode, ThreadId)>>>,
+    /// Callbacks run (pids can be reused within a long run).
+    total: std::sync::atomic::AtomicUsize,
+}
+
+impl Results {
+    fn new() -> Arc<Results> {
+        Arc::new(Results::default())
+    }
+    fn callback(self: &Arc<Self>) -> ChildCallback {
+        let r = Arc::clone(self);
+        Box::new(move |pid, rc| {
+            r.map
+                .lock()
+                .unwrap()
+                .entry(pid)
+                .or_default()
+                .push((rc, thread::current().id()));
+            r.total.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        })
+    }
+    fn tagged(self: &Arc<Self>, tag: ReturnCode) -> ChildCallback {
+        let r = Arc::clone(self);
+        Box::new(move |pid, rc| {
+            r.map
+                .lock()
+                .unwrap()
+                .entry(pid)
+                .or_default()
+                .push((rc * 1000 + tag, thread::current().id()));
+        })
+    }
+    fn len(&self) -> usize {
+        self.map.lock().unwrap().len()
+    }
+    fn total(&self) -> usize {
+        self.total.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    fn get(&self, pid: Pid) -> Vec<ReturnCode> {
+        self.map
+            .lock()
+            .unwrap()
+            .get(&pid)
+            .map(|v| v.iter().map(|x| x.0).collect())
+            .unwrap_or_default()
+    }
+    fn threads(&self) -> Vec<ThreadId> {
+        self.map
+            .lock()
+            .unwrap()
+            .values()
+            .flat_map(|v| v.iter().map(|x| x.1))
+            .collect()
+    }
+}
+
+// The watcher under test does the waiting, not std.
+#[allow(clippy::zombie_processes)]
+fn sh(script: &str) -> Pid {
+    let child = Command::new("/bin/sh")
+        .arg("-c")
+        .arg(script)
+        .spawn()
+        .unwrap();
+    // std does not wait on drop: the watcher owns the reaping.
+    child.id() as Pid
+}
+
+fn exits_with(code: i32) -> Pid {
+    sh(&format!("exit {code}"))
+}
+
+fn killed_by(sig: i32) -> Pid {
+    sh(&format!("kill -{sig} $$; sleep 5"))
+}
+
+#[allow(clippy::zombie_processes)]
+fn sleeper() -> Pid {
+    let child = Command::new("sleep").arg("60").spawn().unwrap();
+    child.id() as Pid
+}
+
+fn kill(pid: Pid, sig: i32) {
+    // SAFETY: plain syscall; the pid is our own child, not yet reaped.
+    assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
+}
+
+/// The state letter of /proc/<pid>/stat, `None` once the pid is gone.
+fn proc_state(pid: Pid) -> Option<char> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = s.rfind(')')?;
+    s[after + 1..].trim_start().chars().next()
+}
+
+/// Waits until `pid` is gone from /proc. A WAITID completion can arrive a
+/// moment before the kernel has finished releasing the reaped child, so this
+/// settles instead of checking once; a zombie left behind never goes away.
+fn assert_gone(pid: Pid) {
+    let t = Instant::now();
+    while let Some(st) = proc_state(pid) {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "pid {pid} left behind in state {st}"
+        );
+        thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn wait_state(pid: Pid, want: char) {
+    let t = Instant::now();
+    while proc_state(pid) != Some(want) {
+        assert!(t.elapsed() < HANG, "pid {pid} never reached state {want}");
+        thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Blocking waitpid by the test itself; the returncode.
+fn reap_myself(pid: Pid) -> ReturnCode {
+    let mut st = 0;
+    // SAFETY: plain syscall on our own child.
+    let r = unsafe { libc::waitpid(pid, &mut st, 0) };
+    assert_eq!(
+        r, pid,
+        "waitpid({pid}) failed: the child was reaped by someone else"
+    );
+    childwatch::watcher::status::from_raw_wait_status(st).unwrap()
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// A child with a random expected returncode.
+fn random_child(rng: &mut Rng) -> (Pid, ReturnCode) {
+    const SIGS: [i32; 5] = [
+        libc::SIGTERM,
+        libc::SIGKILL,
+        libc::SIGINT,
+        libc::SIGUSR1,
+        libc::SIGHUP,
+    ];
+    let r = rng.next();
+    if r % 4 == 0 {
+        let sig = SIGS[(r / 4 % SIGS.len() as u64) as usize];
+        (killed_by(sig), -sig)
+    } else {
+        let code = (r / 4 % 256) as i32;
+        (exits_with(code), code)
+    }
+}
+
+// ---------------------------------------------------------------- tests
+
+#[test]
+fn supported_and_active_until_close() {
+    let _g = shared();
+    assert!(UringChildWatcher::is_supported());
+    let w = watcher(4);
+    assert_eq!(w.fd_budget(), 4);
+    assert!(w.is_active());
+    w.attach_loop(None);
+    assert!(w.is_active(), "attach_loop never deactivates");
+    w.close();
+    assert!(!w.is_active());
+    let err = w.add_child_handler(1, Box::new(|_, _| {})).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::Other);
+    let w = UringChildWatcher::new().unwrap();
+    assert!(
+        w.fd_budget() > 0,
+        "default budget is half the soft RLIMIT_NOFILE"
+    );
+    let bad = w.add_child_handler(-3, Box::new(|_, _| {})).unwrap_err();
+    assert_eq!(bad.kind(), std::io::ErrorKind::InvalidInput);
+    w.close();
+}
+
+#[test]
+fn exit_codes_and_signals() {
+    let _g = shared();
+    for mode in MODES {
+        for budget in BUDGETS {
+            let w = watcher(budget);
+            let res = Results::new();
+            let mut expected = Vec::new();
+            drive(
+                mode,
+                || {
+                    for code in [0, 1, 7, 255] {
+                        expected.push((exits_with(code), code));
+                    }
+                    for sig in [libc::SIGTERM, libc::SIGKILL, libc::SIGSEGV] {
+                        expected.push((killed_by(sig), -sig));
+                    }
+                    for &(pid, _) in &expected {
+                        w.add_child_handler(pid, res.callback()).unwrap();
+                    }
+                },
+                || res.len() == 7,
+            );
+            for &(pid, rc) in &expected {
+                assert_eq!(res.get(pid), vec![rc], "{mode:?} budget {budget} pid {pid}");
+                assert_gone(pid);
+            }
+            if mode != Mode::NoLoop {
+                let me = thread::current().id();
+                assert!(
+                    res.threads().iter().all(|&t| t == me),
+                    "{mode:?}: callback off the loop thread"
+                );
+            }
+            assert_eq!(w.pidfds_held(), 0);
+            assert_eq!(w.waitids_pending(), 0);
+            w.close();
+        }
+    }
+}
+
+#[test]
+fn child_exited_before_add() {
+    let _g = shared();
+    for mode in MODES {
+        for budget in BUDGETS {
+            let w = watcher(budget);
+            let res = Results::new();
+            let (a, b) = (exits_with(5), killed_by(libc::SIGKILL));
+            wait_state(a, 'Z');
+            wait_state(b, 'Z');
+            drive(
+                mode,
+                || {
+                    w.add_child_handler(a, res.callback()).unwrap();
+                    w.add_child_handler(b, res.callback()).unwrap();
+                },
+                || res.len() == 2,
+            );
+            assert_eq!(res.get(a), vec![5]);
+            assert_eq!(res.get(b), vec![-9]);
+            assert_gone(a);
+            assert_gone(b);
+            w.close();
+        }
+    }
+}
+
+#[test]
+fn same_pid_again_replaces_the_callback() {
+    let _g = shared();
+    for mode in MODES {
+        for budget in BUDGETS {
+            let w = watcher(budget);
+            let res = Results::new();
+            let pid = sleeper();
+            let env = Env::new(mode);
+            env.drive(
+                || {
+                    w.add_child_handler(pid, res.tagged(1)).unwrap();
+                    w.add_child_handler(pid, res.tagged(2)).unwrap();
+                    // One operation, not two.
+                    assert_eq!(
+                        w.pidfds_held() + w.waitids_pending(),
+                        1,
+                        "{mode:?} {budget}"
+                    );
+                    kill(pid, libc::SIGKILL);
+                },
+                || res.len() == 1,
+            );
+            env.idle(Duration::from_millis(20));
+            assert_eq!(
+                res.get(pid),
+                vec![-9 * 1000 + 2],
+                "{mode:?} budget {budget}"
+            );
+            w.close();
+        }
+    }
+}
+
+#[test]
+fn remove_cancels_and_leaves_the_child_alone() {
+    let _g = shared();
+    for mode in MODES {
+        for budget in BUDGETS {
+            let w = watcher(budget);
+            let res = Results::new();
+            let pid = sleeper();
+            let env = Env::new(mode);
+            env.drive(
+                || {
+                    w.add_child_handler(pid, res.callback()).unwrap();
+                    assert!(w.remove_child_handler(pid));
+                    assert!(!w.remove_child_handler(pid));
+                    assert_eq!(w.pidfds_held(), 0, "the pidfd is closed at once");
+                },
+                || true,
+            );
+            // Let the cancellation reach the kernel, then kill: the child is
+            // ours to reap, with its real status.
+            env.idle(Duration::from_millis(20));
+            kill(pid, libc::SIGKILL);
+            assert_eq!(reap_myself(pid), -9, "{mode:?} budget {budget}");
+            env.idle(Duration::from_millis(20));
+            assert_eq!(res.len(), 0, "a removed handler never runs");
+            assert_eq!(w.waitids_pending(), 0);
+            assert!(!w.remove_child_handler(12345678));
+            w.close();
+        }
+    }
+}
+
+#[test]
+fn unknown_and_foreign_pids_give_255() {
+    let _g = shared();
+    for mode in MODES {
+        for budget in BUDGETS {
+            let w = watcher(budget);
+            let res = Results::new();
+            // Reaped elsewhere (by the test), so no longer anyone's child.
+            let gone = exits_with(3);
+            assert_eq!(reap_myself(gone), 3);
+            // Alive but not our child.
+            let foreign = 1;
+            drive(
+                mode,
+                || {
+                    w.add_child_handler(gone, res.callback()).unwrap();
+                    w.add_child_handler(foreign, res.callback()).unwrap();
+                },
+                || res.len() == 2,
+            );
+            assert_eq!(res.get(gone), vec![255], "{mode:?} budget {budget}");
+            assert_eq!(res.get(foreign), vec![255], "{mode:?} budget {budget}");
+            w.close();
+        }
+    }
+}
+
+#[test]
+fn stopped_and_continued_is_not_an_exit() {
+    let _g = shared();
+    for mode in MODES {
+        for budget in BUDGETS {
+            let w = watcher(budget);
+            let res = Results::new();
+            let pid = sleeper();
+            let env = Env::new(mode);
+            env.drive(
+                || {
+                    w.add_child_handler(pid, res.callback()).unwrap();
+                    kill(pid, libc::SIGSTOP);
+                    wait_state(pid, 'T');
+                    kill(pid, libc::SIGCONT);
+                },
+                || true,
+            );
+            env.idle(Duration::from_millis(30));
+            assert_eq!(
+                res.len(),
+                0,
+                "{mode:?} budget {budget}: stop/continue reported"
+            );
+            env.drive(|| kill(pid, libc::SIGTERM), || res.len() == 1);
+            assert_eq!(res.get(pid), vec![-15]);
+            w.close();
+        }
+    }
+}
+
+#[test]
+fn five_hundred_random_children_all_exact() {
+    let _g = shared();
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    for mode in MODES {
+        // Budget 100: both paths at once.
+        let w = watcher(100);
+        let res = Results::new();
+        let mut expected = Vec::new();
+        drive(
+            mode,
+            || {
+                for _ in 0..500 {
+                    let (pid, rc) = random_child(&mut rng);
+                    w.add_child_handler(pid, res.callback()).unwrap();
+                    expected.push((pid, rc));
+                }
+            },
+            || res.len() == 500,
+        );
+        for &(pid, rc) in &expected {
+            assert_eq!(res.get(pid), vec![rc], "{mode:?} pid {pid}");
+        }
+        w.close();
+    }
+}
+
+#[test]
+fn small_budget_with_many_live_children() {
+    let _g = shared();
+    const SIGS: [i32; 4] = [libc::SIGTERM, libc::SIGKILL, libc::SIGINT, libc::SIGHUP];
+    for mode in MODES {
+        let w = watcher(8);
+        let res = Results::new();
+        let pids: Vec<Pid> = (0..200).map(|_| sleeper()).collect();
+        let max_held = Mutex::new(0usize);
+        let note = || {
+            let mut m = max_held.lock().unwrap();
+            *m = (*m).max(w.pidfds_held());
+        };
+        drive(
+            mode,
+            || {
+                for &pid in &pids {
+                    w.add_child_handler(pid, res.callback()).unwrap();
+                    note();
+                }
+                assert_eq!(w.pidfds_held(), 8);
+                assert_eq!(
+                    w.waitids_pending(),
+                    192,
+                    "{mode:?}: beyond the budget is WAITID"
+                );
+                for (i, &pid) in pids.iter().enumerate() {
+                    kill(pid, SIGS[i % SIGS.len()]);
+                    note();
+                }
+            },
+            || {
+                note();
+                res.len() == 200
+            },
+        );
+        assert!(*max_held.lock().unwrap() <= 8);
+        for (i, &pid) in pids.iter().enumerate() {
+            assert_eq!(
+                res.get(pid),
+                vec![-SIGS[i % SIGS.len()]],
+                "{mode:?} pid {pid}"
+            );
+        }
+        assert_eq!(w.pidfds_held(), 0);
+        assert_eq!(w.waitids_pending(), 0);
+        w.close();
+    }
+}
+
+#[test]
+fn callbacks_run_on_the_loop_that_registered() {
+    let _g = shared();
+    let w = Arc::new(watcher(30));
+    let kinds = [
+        Mode::Proactor,
+        Mode::Selector,
+        Mode::Proactor,
+        Mode::Selector,
+    ];
+    let handles: Vec<_> = kinds
+        .into_iter()
+        .enumerate()
+        .map(|(i, mode)| {
+            let w = Arc::clone(&w);
+            thread::spawn(move || {
+                let res = Results::new();
+                let mut rng = Rng(0x1234_5678 + i as u64);
+                let mut expected = Vec::new();
+                drive(
+                    mode,
+                    || {
+                        for _ in 0..25 {
+                            let (pid, rc) = random_child(&mut rng);
+                            w.add_child_handler(pid, res.callback()).unwrap();
+                            expected.push((pid, rc));
+                        }
+                    },
+                    || res.len() == 25,
+                );
+                let me = thread::current().id();
+                assert!(
+                    res.threads().iter().all(|&t| t == me),
+                    "{mode:?}: wrong thread"
+                );
+                for &(pid, rc) in &expected {
+                    assert_eq!(res.get(pid), vec![rc]);
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    w.close();
+}
+
+#[test]
+fn loop_closed_under_a_pending_child_still_reports() {
+    let _g = shared();
+    for mode in [Mode::Proactor, Mode::Selector] {
+        for budget in BUDGETS {
+            let w = watcher(budget);
+            let res = Results::new();
+            let pid = sleeper();
+            let env = Env::new(mode);
+            env.drive(
+                || w.add_child_handler(pid, res.callback()).unwrap(),
+                || true,
+            );
+            env.idle(Duration::from_millis(10));
+            // The loop goes away with the child still running: the watcher
+            // moves it to its own ring, harvested by its reaper thread.
+            drop(env);
+            kill(pid, libc::SIGKILL);
+            drive(Mode::NoLoop, || {}, || res.len() == 1);
+            assert_eq!(res.get(pid), vec![-9], "{mode:?} budget {budget}");
+            assert_gone(pid);
+            w.close();
+        }
+    }
+}
+
+// ---------------------------------------------------------------- close
+
+fn count_dir(path: &str) -> usize {
+    std::fs::read_dir(path).map(|d| d.count()).unwrap_or(0)
+}
+
+fn thread_names() -> Vec<String> {
+    std::fs::read_dir("/proc/self/task")
+        .map(|d| {
+            d.filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("comm")).ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits for the process's descriptor count to come back to `fds` and for
+/// the watcher's reaper thread to be gone. (Threads are compared by name:
+/// the test harness starts its own threads for tests waiting on the lock.)
+fn settle(fds: usize) {
+    let t = Instant::now();
+    loop {
+        let f = count_dir("/proc/self/fd");
+        let names = thread_names();
+        let reapers = names.iter().filter(|n| n.trim() == "uring-reaper").count();
+        if f <= fds && reapers == 0 {
+            return;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "left behind: {f} fds (was {fds}), threads {names:?}"
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn close_leaves_no_zombie_thread_or_descriptor() {
+    let _g = exclusive();
+    let fds = count_dir("/proc/self/fd");
+    for mode in MODES {
+        for budget in [1 << 16, 0, 4] {
+            let w = watcher(budget);
+            let res = Results::new();
+            let mut done = Vec::new();
+            drive(
+                mode,
+                || {
+                    for code in 0..10 {
+                        let pid = exits_with(code);
+                        w.add_child_handler(pid, res.callback()).unwrap();
+                        done.push(pid);
+                    }
+                },
+                || res.len() == 10,
+            );
+            w.close();
+            for &pid in &done {
+                assert_gone(pid);
+            }
+            settle(fds);
+        }
+    }
+}
+
+#[test]
+fn close_with_children_pending() {
+    let _g = exclusive();
+    let fds = count_dir("/proc/self/fd");
+    for mode in MODES {
+        for budget in [1 << 16, 0] {
+            let w = watcher(budget);
+            let res = Results::new();
+            let env = Env::new(mode);
+            let (live, dead) = (sleeper(), sleeper());
+            let add = || {
+                w.add_child_handler(live, res.callback()).unwrap();
+                w.add_child_handler(dead, res.callback()).unwrap();
+            };
+            env.drive(add, || true);
+            // With a loop that no longer runs, `dead` dies unreported; either
+            // way it must not stay a zombie after close().
+            kill(dead, libc::SIGKILL);
+            // Dead (a zombie, or already reaped by a WAITID in the kernel).
+            let t = Instant::now();
+            while !matches!(proc_state(dead), Some('Z') | None) {
+                assert!(t.elapsed() < HANG);
+                thread::sleep(Duration::from_millis(1));
+            }
+            w.close();
+            assert_gone(dead);
+            assert!(res.get(live).is_empty());
+            // The live child is the caller's now: nobody else reaps it.
+            drop(env);
+            kill(live, libc::SIGTERM);
+            assert_eq!(reap_myself(live), -15, "{mode:?} {budget}");
+            assert!(res.get(live).is_empty());
+            settle(fds);
+        }
+    }
+}
+
+// ---------------------------------------------------------------- stress and measurements
+
+/// `cargo test --release --test uring_watcher -- --ignored stress --nocapture`
+#[test]
+#[ignore]
+fn stress_100k_children() {
+    let _g = exclusive();
+    let total: usize = std::env::var("URING_STRESS_N")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(100_000);
+    let per_mode = total.div_ceil(3);
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    for mode in MODES {
+        let w = watcher(64);
+        let res = Results::new();
+        let expected = Mutex::new(Vec::with_capacity(per_mode));
+        let start = Instant::now();
+        let spawn_some = |rng: &mut Rng| {
+            let mut e = expected.lock().unwrap();
+            while e.len() < per_mode && e.len() - res.total() < 256 {
+                let (pid, rc) = random_child(rng);
+                w.add_child_handler(pid, res.callback()).unwrap();
+                e.push((pid, rc));
+            }
+        };
+        match mode {
+            Mode::NoLoop => {
+                while res.total() < per_mode {
+                    spawn_some(&mut rng);
+                    thread::sleep(Duration::from_micros(200));
+                }
+            }
+            _ => {
+                let env = Env::new(mode);
+                let Some(lp) = &env.lp else { unreachable!() };
+                lp.run_until_complete(async {
+                    while res.total() < per_mode {
+                        spawn_some(&mut rng);
+                        childwatch::sleep(Duration::from_micros(200)).await;
+                    }
+                })
+                .unwrap();
+            }
+        }
+        // A pid can be reused within one run: compare per pid, in order.
+        let mut want: HashMap<Pid, Vec<ReturnCode>> = HashMap::new();
+        for &(pid, rc) in expected.lock().unwrap().iter() {
+            want.entry(pid).or_default().push(rc);
+        }
+        let wrong = want
+            .iter()
+            .filter(|&(&pid, rcs)| {
+                let mut got = res.get(pid);
+                let mut rcs = rcs.clone();
+                got.sort_unstable();
+                rcs.sort_unstable();
+                got != rcs
+            })
+            .count();
+        let delivered = res.total();
+        println!(
+            "{mode:?}: {per_mode} children in {:.1?}, {delivered} callbacks, {wrong} wrong",
+            start.elapsed()
+        );
+        assert_eq!(
+            delivered, per_mode,
+            "{mode:?}: lost or duplicated callbacks"
+        );
+        assert_eq!(wrong, 0);
+        w.close();
+    }
+}
+
+/// Kill + reap of N live children, POLL_ADD path vs WAITID path:
+/// `URING_BENCH_N=10000 cargo test --release --test uring_watcher -- --ignored kill_and_reap --nocapture`
+#[test]
+#[ignore]
+fn kill_and_reap_poll_vs_waitid() {
+    let _g = exclusive();
+    let n: usize = std::env::var("URING_BENCH_N")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2_000);
+    let default_budget = UringChildWatcher::new().unwrap().fd_budget();
+    for (name, budget) in [
+        ("POLL_ADD", usize::MAX),
+        ("WAITID", 0),
+        ("default budget", default_budget),
+    ] {
+        let w = watcher(budget);
+        let res = Results::new();
+        let lp = EventLoop::proactor().unwrap();
+        let pids: Vec<Pid> = (0..n).map(|_| sleeper()).collect();
+        let mut elapsed = Duration::ZERO;
+        lp.run_until_complete(async {
+            for &pid in &pids {
+                w.add_child_handler(pid, res.callback()).unwrap();
+            }
+            let (held, waits) = (w.pidfds_held(), w.waitids_pending());
+            let t = Instant::now();
+            for &pid in &pids {
+                kill(pid, libc::SIGKILL);
+            }
+            while res.len() < n {
+                childwatch::sleep(Duration::from_micros(500)).await;
+            }
+            elapsed = t.elapsed();
+            println!(
+                "{name:>14}: kill + reap of {n} live children: {elapsed:.2?} \
+                 ({held} pidfds, {waits} WAITIDs)"
+            );
+        })
+        .unwrap();
+        lp.close().unwrap();
+        assert!(pids.iter().all(|&p| res.get(p) == vec![-9]));
+        w.close();
+    }
+}
+
+#[test]
+fn added_from_a_thread_that_exits_before_the_child() {
+    let _g = shared();
+    for (mode, budget) in MODES.into_iter().flat_map(|m| BUDGETS.map(|b| (m, b))) {
+        let w = Arc::new(watcher(budget));
+        let res = Results::new();
+        let pids: Vec<Pid> = (0..4).map(|_| sleeper()).collect();
+        let (w2, r2, p2) = (Arc::clone(&w), Arc::clone(&res), pids.clone());
+        // The submitting thread (and its loop) is gone when the children
+        // exit: their exits must still be reported exactly.
+        thread::spawn(move || {
+            Env::new(mode).drive(
+                || {
+                    for pid in p2 {
+                        w2.add_child_handler(pid, r2.callback()).unwrap();
+                    }
+                },
+                || true,
+            );
+        })
+        .join()
+        .unwrap();
+        for &pid in &pids {
+            kill(pid, libc::SIGTERM);
+        }
+        drive(Mode::NoLoop, || {}, || res.len() == pids.len());
+        for &pid in &pids {
+            assert_eq!(res.get(pid), vec![-15], "{mode:?} budget {budget}");
+        }
+        w.close();
+    }
+}
+
+#[test]
+fn emfile_falls_back_to_waitid() {
+    let _g = exclusive();
+    for mode in MODES {
+        let w = watcher(usize::MAX);
+        let res = Results::new();
+        let env = Env::new(mode);
+        let pids: Vec<Pid> = (0..12).map(|_| sleeper()).collect();
+        // The first child also creates the watcher's own ring, if it needs one.
+        env.drive(
+            || w.add_child_handler(pids[0], res.callback()).unwrap(),
+            || true,
+        );
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: plain syscalls on a local struct.
+        unsafe { assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0) };
+        let low = libc::rlimit {
+            rlim_cur: (count_dir("/proc/self/fd") + 3) as libc::rlim_t,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: as above; restored right after the registrations.
+        unsafe { assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &low), 0) };
+        let added = std::cell::RefCell::new(Ok(()));
+        env.drive(
+            || {
+                for &pid in &pids[1..] {
+                    let r = w.add_child_handler(pid, res.callback());
+                    if r.is_err() {
+                        *added.borrow_mut() = r;
+                    }
+                }
+            },
+            || true,
+        );
+        // SAFETY: as above.
+        unsafe { assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0) };
+        added.into_inner().unwrap();
+        assert!(
+            w.waitids_pending() > 0,
+            "{mode:?}: no child fell back to WAITID"
+        );
+        assert!(w.pidfds_held() > 0);
+        env.drive(
+            || pids.iter().for_each(|&p| kill(p, libc::SIGKILL)),
+            || res.len() == pids.len(),
+        );
+        for &pid in &pids {
+            assert_eq!(res.get(pid), vec![-9], "{mode:?}");
+        }
+        w.close();
+    }
+}
