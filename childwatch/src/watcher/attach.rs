@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::ThreadId;
 
+use super::registry::{Handler, Registry, Target};
 use super::{ChildCallback, Pid, ReturnCode};
 use crate::event_loop::{EventLoop, LoopHandle};
 
@@ -145,34 +146,63 @@ impl Attachment {
     /// runs user code inline, so it may be called under the watcher's locks.
     pub(super) fn post_to_loop(self: &Arc<Self>, cb: ChildCallback) -> ChildCallback {
         let att = Arc::clone(self);
-        Box::new(move |pid: Pid, rc: ReturnCode| {
-            let Some(h) = att.handle() else {
+        Box::new(move |pid: Pid, rc: ReturnCode| match att.handle() {
+            Some(h) => Handler::new(cb, Target::Loop(h)).deliver(pid, rc),
+            None => {
                 tracing::warn!(
                     "child {pid} exited while its watcher was detached; running its callback \
                      on the reaping thread"
                 );
-                return cb(pid, rc);
-            };
-            let slot = Arc::new(Mutex::new(Some(cb)));
-            let s2 = Arc::clone(&slot);
-            let sent = h.call_soon_threadsafe(move || {
-                let cb = s2.lock().unwrap_or_else(|p| p.into_inner()).take();
-                if let Some(cb) = cb {
-                    cb(pid, rc);
-                }
-            });
-            if sent.is_err() {
-                tracing::warn!(
-                    "the watcher's event loop is closed; running the exit callback of pid {pid} \
-                     on the reaping thread"
-                );
-                let cb = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
-                if let Some(cb) = cb {
-                    cb(pid, rc);
-                }
+                cb(pid, rc)
             }
         })
     }
+}
+
+/// A watcher that finds exits by sweeping its children whenever SIGCHLD
+/// reaches the attached loop (Safe and Fast).
+pub(super) trait Sweeper: Send + Sync + 'static {
+    /// The loop the watcher is attached to.
+    fn attachment(&self) -> &Attachment;
+    /// The watcher's handlers.
+    fn registry(&self) -> &Registry;
+    /// Reaps what exited and delivers it.
+    fn sweep(&self);
+}
+
+/// `attach_loop` for a [`Sweeper`]: warns when detaching with children
+/// watched, moves the SIGCHLD handler to `lp`, and sweeps once on the new
+/// loop, since exits that happened while detached sent no signal we saw.
+pub(super) fn attach_sweeper<S: Sweeper>(inner: &Arc<S>, lp: Option<&EventLoop>) {
+    let watched = inner.registry().len();
+    if lp.is_none() && watched > 0 {
+        tracing::warn!(
+            "a child watcher is detached while {watched} children are watched; their exits are \
+             reported once it is attached again"
+        );
+    }
+    let sweep_if_current = |generation: u64| {
+        let weak = Arc::downgrade(inner);
+        move || {
+            if let Some(inner) = weak.upgrade() {
+                if inner.attachment().is_current(generation) {
+                    inner.sweep();
+                }
+            }
+        }
+    };
+    let installed = inner
+        .attachment()
+        .attach(lp, |generation| Box::new(sweep_if_current(generation)));
+    if let (Some(lp), Some(generation)) = (lp, installed) {
+        lp.call_soon(sweep_if_current(generation));
+    }
+}
+
+/// `close` for a [`Sweeper`]: forgets every handler and detaches.
+pub(super) fn close_sweeper<S: Sweeper>(inner: &S) {
+    inner.registry().clear();
+    inner.attachment().attach(None, |_| Box::new(|| {}));
 }
 
 /// On the loop's own thread: forget the loop attached as `generation`, and

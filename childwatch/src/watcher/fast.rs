@@ -34,7 +34,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use rustix::process::{WaitOptions, wait};
 
-use super::attach::Attachment;
+use super::attach::{Attachment, Sweeper, attach_sweeper, close_sweeper};
 use super::registry::{Added, Registry, Target};
 use super::status::{from_wait_status, rpid, try_reap};
 use super::{ChildCallback, ChildWatcher, Pid};
@@ -54,6 +54,18 @@ struct Inner {
     reap: Mutex<ReapState>,
 }
 
+impl Sweeper for Inner {
+    fn attachment(&self) -> &Attachment {
+        &self.attachment
+    }
+    fn registry(&self) -> &Registry {
+        &self.registry
+    }
+    fn sweep(&self) {
+        self.sweep_now();
+    }
+}
+
 impl Inner {
     fn lock(&self) -> MutexGuard<'_, ReapState> {
         // Callbacks only post to a loop under this lock; poisoning cannot
@@ -63,7 +75,7 @@ impl Inner {
 
     /// Reaps every exited child. Handlers only post to the loop, so they are
     /// delivered under the lock.
-    fn sweep(&self) {
+    fn sweep_now(&self) {
         let st = self.lock();
         loop {
             match wait(WaitOptions::NOHANG) {
@@ -156,33 +168,7 @@ impl ChildWatcher for FastChildWatcher {
     }
 
     fn attach_loop(&self, lp: Option<&EventLoop>) {
-        if lp.is_none() && self.inner.registry.len() > 0 {
-            tracing::warn!(
-                "a child watcher is detached while {} children are watched; their exits are \
-                 reported once it is attached again",
-                self.inner.registry.len()
-            );
-        }
-        let weak = Arc::downgrade(&self.inner);
-        let installed = self.inner.attachment.attach(lp, move |generation| {
-            Box::new(move || {
-                if let Some(inner) = weak.upgrade() {
-                    if inner.attachment.is_current(generation) {
-                        inner.sweep();
-                    }
-                }
-            })
-        });
-        if let (Some(lp), Some(generation)) = (lp, installed) {
-            let weak = Arc::downgrade(&self.inner);
-            lp.call_soon(move || {
-                if let Some(inner) = weak.upgrade() {
-                    if inner.attachment.is_current(generation) {
-                        inner.sweep();
-                    }
-                }
-            });
-        }
+        attach_sweeper(&self.inner, lp);
     }
 
     fn is_active(&self) -> bool {
@@ -190,8 +176,7 @@ impl ChildWatcher for FastChildWatcher {
     }
 
     fn close(&self) {
-        self.inner.registry.clear();
-        self.inner.attachment.attach(None, |_| Box::new(|| {}));
+        close_sweeper(&*self.inner);
     }
 
     fn enter(&self) {

@@ -19,7 +19,7 @@
 use std::io;
 use std::sync::{Arc, Mutex};
 
-use super::attach::Attachment;
+use super::attach::{Attachment, Sweeper, attach_sweeper, close_sweeper};
 use super::registry::{Added, Handler, Registry, Target};
 use super::status::{rpid, try_reap};
 use super::{ChildCallback, ChildWatcher, Pid, ReturnCode};
@@ -32,6 +32,18 @@ struct Inner {
     /// Held across `waitpid` and taking the handler, so that two sweeps
     /// never race (the loser would see ECHILD and report 255).
     reap: Mutex<()>,
+}
+
+impl Sweeper for Inner {
+    fn attachment(&self) -> &Attachment {
+        &self.attachment
+    }
+    fn registry(&self) -> &Registry {
+        &self.registry
+    }
+    fn sweep(&self) {
+        self.sweep_now();
+    }
 }
 
 impl Inner {
@@ -61,7 +73,7 @@ impl Inner {
         }
     }
 
-    fn sweep(&self) {
+    fn sweep_now(&self) {
         let pids = self.registry.pids();
         self.check(&pids);
     }
@@ -116,34 +128,7 @@ impl ChildWatcher for SafeChildWatcher {
     }
 
     fn attach_loop(&self, lp: Option<&EventLoop>) {
-        if lp.is_none() && self.inner.registry.len() > 0 {
-            tracing::warn!(
-                "a child watcher is detached while {} children are watched; their exits are \
-                 reported once it is attached again",
-                self.inner.registry.len()
-            );
-        }
-        let weak = Arc::downgrade(&self.inner);
-        let installed = self.inner.attachment.attach(lp, move |generation| {
-            Box::new(move || {
-                if let Some(inner) = weak.upgrade() {
-                    if inner.attachment.is_current(generation) {
-                        inner.sweep();
-                    }
-                }
-            })
-        });
-        if let (Some(lp), Some(generation)) = (lp, installed) {
-            // Exits that happened while detached sent no signal we saw.
-            let weak = Arc::downgrade(&self.inner);
-            lp.call_soon(move || {
-                if let Some(inner) = weak.upgrade() {
-                    if inner.attachment.is_current(generation) {
-                        inner.sweep();
-                    }
-                }
-            });
-        }
+        attach_sweeper(&self.inner, lp);
     }
 
     fn is_active(&self) -> bool {
@@ -151,7 +136,6 @@ impl ChildWatcher for SafeChildWatcher {
     }
 
     fn close(&self) {
-        self.inner.registry.clear();
-        self.inner.attachment.attach(None, |_| Box::new(|| {}));
+        close_sweeper(&*self.inner);
     }
 }
