@@ -137,6 +137,24 @@ fn open_fds() -> usize {
         .count()
 }
 
+/// Each open descriptor and what it points to, for leak reports.
+fn fd_targets() -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir("/proc/self/fd")
+        .expect("/proc/self/fd")
+        .filter_map(|e| e.ok())
+        .map(|e| {
+            let target = std::fs::read_link(e.path()).unwrap_or_default();
+            format!(
+                "{} -> {}",
+                e.file_name().to_string_lossy(),
+                target.display()
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
 /// Fields after the command name of /proc/<pid>/stat: state, ppid, pgrp, session.
 fn pgrp_and_session(stat: &str) -> (i32, i32) {
     let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
@@ -583,16 +601,20 @@ mod cases {
     }
 
     pub fn no_fd_leak(cx: &Ctx) {
-        // Warm up whatever the loop and watcher open lazily.
+        // Warm up whatever the loop and watcher open lazily (Uring's own
+        // ring on a selector loop is made for the first child still alive at
+        // registration: `cat` waits for its input, `true` might not).
         cx.run(async {
             let mut p = cx
-                .exec("true", [] as [&str; 0])
+                .exec("cat", [] as [&str; 0])
+                .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .spawn()
                 .unwrap();
-            p.communicate(None).await.unwrap();
+            p.communicate(Some(b"warm")).await.unwrap();
         });
         let before = open_fds();
+        let before_targets = fd_targets();
         cx.run(async {
             for _ in 0..5 {
                 let mut p = cx
@@ -627,7 +649,12 @@ mod cases {
         while open_fds() != before && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
-        assert_eq!(open_fds(), before, "descriptors leaked by spawn");
+        assert_eq!(
+            open_fds(),
+            before,
+            "descriptors leaked by spawn: before {before_targets:?}, after {:?}",
+            fd_targets()
+        );
         let zombies = cx.run(no_zombie_children());
         assert!(zombies.is_empty(), "zombie children left: {zombies:?}");
     }
