@@ -1,14 +1,63 @@
-//! The `childwatch` command-line tool (for now: version and supported loop kinds).
+//! The `childwatch` command: `run` (a parallel job runner on one childwatch
+//! event loop), `bench` (every watcher and the peers against raw baselines)
+//! and `watchers` (what this machine supports).
+//!
+//! Errors are one line on stderr and a non-zero exit status: 2 for bad
+//! usage (from clap), 255 for anything that stops a command before it runs;
+//! `run` otherwise exits with its jobs' status.
 
-fn main() {
-    println!("childwatch {}", env!("CARGO_PKG_VERSION"));
-    println!(
-        "proactor (io_uring): {}",
-        if childwatch::proactor_supported() {
-            "supported"
-        } else {
-            "unsupported"
+mod bench;
+mod joblog;
+mod jobs;
+mod proc_api;
+mod run;
+mod watchers;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "childwatch",
+    version,
+    about = "Run jobs in parallel and benchmark child watchers"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run jobs in parallel (like xargs -P / GNU parallel).
+    ///
+    /// Examples:
+    ///   childwatch run -j 8 -- gzip -k {} ::: a b c
+    ///   printf 'make -C a\nmake -C b\n' | childwatch run --tag
+    Run(run::RunArgs),
+    /// Benchmark every watcher, both loop kinds and the peers.
+    Bench(bench::BenchArgs),
+    /// List the watchers and loop kinds this machine supports.
+    Watchers,
+}
+
+fn main() -> ExitCode {
+    std::panic::set_hook(Box::new(|info| {
+        eprintln!("childwatch: internal error: {info}");
+    }));
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Run(a) => run::command(a),
+        Cmd::Bench(a) => bench::command(a),
+        Cmd::Watchers => watchers::command().map(|()| 0),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            let msg = format!("{e:#}").replace('\n', " ");
+            eprintln!("childwatch: error: {msg}");
+            ExitCode::from(255)
         }
-    );
-    println!("selector (epoll): supported");
+    }
 }

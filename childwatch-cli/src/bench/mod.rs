@@ -1,0 +1,796 @@
+//! `childwatch bench`: the performance scenarios of the design (throughput,
+//! mixed, latency, scale) for every watcher on both loop kinds and for the
+//! peers, in one run, each figure shown next to its ratio to the raw
+//! baseline measured in the same run.
+//!
+//! Every runner implements [`Runner`]: start short children with N in
+//! flight, hold long-lived ones while watched, kill and reap the held ones,
+//! and time kill → exit notification. The scenarios are built from those
+//! steps, so every runner is measured by the same procedure.
+
+mod ours;
+mod peers;
+mod raw;
+mod sys;
+
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use childwatch::LoopKind;
+use clap::ValueEnum;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+use crate::watchers::{self, WatcherName};
+use sys::Program;
+
+/// What one runner must do; each scenario is a sequence of these steps.
+pub trait Runner {
+    /// Runs `n` short children (`/bin/true`) with `inflight` at once; the
+    /// wall time until all were reaped.
+    fn run_short(&mut self, n: usize, inflight: usize) -> Result<Duration>;
+    /// Starts `k` long-lived children and watches them.
+    fn hold(&mut self, k: usize) -> Result<()>;
+    /// SIGKILLs every held child and waits until each exit was reported.
+    fn release(&mut self) -> Result<Released>;
+    /// Kill → exit-notification time, once per sample (a fresh child each).
+    fn latency(&mut self, samples: usize) -> Result<Vec<Duration>>;
+}
+
+/// What [`Runner::release`] measured.
+#[derive(Debug)]
+pub struct Released {
+    /// From the first kill to the last reported exit.
+    pub time: Duration,
+    /// Exits reported with the right status (-SIGKILL).
+    pub reported: usize,
+    /// Children that were held.
+    pub held: usize,
+}
+
+/// A scenario of the design's performance targets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scenario {
+    /// N × /bin/true, 64 in flight.
+    Throughput,
+    /// Short children while N long-lived ones are watched.
+    Mixed,
+    /// N live children under RLIMIT_NOFILE 1024; kill + reap all.
+    Scale,
+    /// kill → callback, with 0 and N other children watched.
+    Latency,
+}
+
+/// Options of `childwatch bench`.
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Scenarios to run (default: all).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub scenario: Vec<Scenario>,
+    /// Size of every selected scenario: children spawned (throughput),
+    /// long-lived and short children (mixed), live children (scale), other
+    /// watched children (latency).
+    #[arg(long, value_parser = parse_n)]
+    pub n: Option<usize>,
+    /// Runners to measure, comma-separated: threaded, safe, fast, multiloop,
+    /// pidfd, uring, tokio, async-process, std-threads (default: all; the raw
+    /// baselines always run).
+    #[arg(long, value_delimiter = ',')]
+    pub watchers: Vec<String>,
+    /// Loop kinds for the childwatch watchers (default: both).
+    #[arg(long = "loop", value_enum, value_delimiter = ',')]
+    pub loops: Vec<crate::watchers::LoopName>,
+    /// Print the results as JSON on stdout instead of the tables.
+    #[arg(long)]
+    pub json: bool,
+    /// Tiny sizes (for tests and a first look).
+    #[arg(long)]
+    pub quick: bool,
+}
+
+fn parse_n(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("'{s}' is not a positive number")),
+    }
+}
+
+const PEERS: [&str; 3] = ["tokio", "async-process", "std-threads"];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Who {
+    Raw,
+    RawPidfd,
+    Ours(WatcherName, LoopKind),
+    Tokio,
+    AsyncProcess,
+    StdThreads,
+}
+
+impl Who {
+    fn label(self) -> String {
+        match self {
+            Who::Raw => "raw posix_spawn+waitpid".into(),
+            Who::RawPidfd => "raw pidfd+epoll".into(),
+            Who::Ours(w, k) => format!("{w}/{k}"),
+            Who::Tokio => "tokio (current_thread)".into(),
+            Who::AsyncProcess => "async-process".into(),
+            Who::StdThreads => "std::process + thread".into(),
+        }
+    }
+
+    fn does_scale(self) -> bool {
+        matches!(
+            self,
+            Who::RawPidfd
+                | Who::Tokio
+                | Who::Ours(
+                    WatcherName::Uring | WatcherName::Pidfd | WatcherName::Threaded,
+                    _
+                )
+        )
+    }
+}
+
+struct Programs {
+    short: Program,
+    long: Program,
+}
+
+fn make_runner(who: Who, p: &Programs) -> Result<Box<dyn Runner>> {
+    let (s, l) = (&p.short, &p.long);
+    let dup = |x: &Program| Program::find(&[x.path()], &[x.path()]);
+    let long = || {
+        let mut args = vec![l.path()];
+        args.extend(l.rest());
+        Program::find(&[l.path()], &args)
+    };
+    Ok(match who {
+        Who::Raw => Box::new(raw::Raw::new(dup(s)?, long()?)),
+        Who::RawPidfd => Box::new(raw::RawPidfd::new(long()?)?),
+        Who::Ours(w, k) => Box::new(ours::Ours::new(k, w, s, l)?),
+        Who::Tokio => Box::new(peers::Tokio::new(s, l)?),
+        Who::AsyncProcess => Box::new(peers::AsyncProcess::new(s, l)),
+        Who::StdThreads => Box::new(peers::StdThreads::new(s, l)),
+    })
+}
+
+// ------------------------------------------------------------------ results
+
+#[derive(Debug, Default, Serialize)]
+struct Row {
+    runner: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    unavailable: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    throughput: Option<Throughput>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mixed: Option<Mixed>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    latency: Option<Latency>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scale: Option<Scale>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    errors: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct Throughput {
+    n: usize,
+    inflight: usize,
+    secs: f64,
+    per_sec: f64,
+    /// Throughput relative to the raw baseline (1.0 = as fast; higher is faster).
+    vs_raw: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+struct Mixed {
+    long_lived: usize,
+    short: usize,
+    none_watched_secs: f64,
+    watched_secs: f64,
+    /// watched / none_watched - 1.
+    slowdown: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Latency {
+    samples: usize,
+    others: usize,
+    p50_us_alone: Option<f64>,
+    p99_us_alone: Option<f64>,
+    p50_us_with_others: Option<f64>,
+    p99_us_with_others: Option<f64>,
+    /// p50 (alone) relative to the raw baseline's (lower is better).
+    p50_vs_raw: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+struct Scale {
+    n: usize,
+    nofile_limit: u64,
+    completed: bool,
+    reported: usize,
+    peak_fds: usize,
+    extra_threads: usize,
+    kib_per_child: f64,
+    kill_reap_secs: Option<f64>,
+    /// kill + reap time relative to the raw pidfd-poll loop (lower is better).
+    vs_raw_pidfd: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    kernel: String,
+    cpus: usize,
+    scenarios: Vec<Scenario>,
+    notes: Vec<String>,
+    rows: Vec<Row>,
+}
+
+// ------------------------------------------------------------------ running
+
+struct Sizes {
+    throughput: usize,
+    inflight: usize,
+    mixed: usize,
+    scale: usize,
+    latency_samples: usize,
+    latency_others: usize,
+}
+
+fn percentile(v: &mut [Duration], p: f64) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort();
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    Some(v[i.min(v.len() - 1)].as_secs_f64() * 1e6)
+}
+
+/// Runs `childwatch bench`.
+pub fn command(args: BenchArgs) -> Result<i32> {
+    let scenarios = if args.scenario.is_empty() {
+        vec![
+            Scenario::Throughput,
+            Scenario::Mixed,
+            Scenario::Latency,
+            Scenario::Scale,
+        ]
+    } else {
+        args.scenario.clone()
+    };
+    let has = |s| scenarios.contains(&s);
+    let mut sizes = if args.quick {
+        Sizes {
+            throughput: 40,
+            inflight: 8,
+            mixed: 20,
+            scale: 100,
+            latency_samples: 10,
+            latency_others: 20,
+        }
+    } else {
+        Sizes {
+            throughput: 2000,
+            inflight: 64,
+            mixed: 1000,
+            scale: 10_000,
+            latency_samples: 100,
+            latency_others: 1000,
+        }
+    };
+    if let Some(n) = args.n {
+        sizes.throughput = n;
+        sizes.mixed = n;
+        sizes.scale = n;
+        sizes.latency_others = n;
+    }
+    let mut notes = Vec::new();
+
+    // Which runners.
+    let known: Vec<&str> = WatcherName::ALL
+        .iter()
+        .map(|w| w.as_str())
+        .chain(PEERS)
+        .collect();
+    for w in &args.watchers {
+        if !known.contains(&w.as_str()) {
+            bail!(
+                "unknown runner '{w}' in --watchers; choose from {}",
+                known.join(", ")
+            );
+        }
+    }
+    let want = |name: &str| args.watchers.is_empty() || args.watchers.iter().any(|w| w == name);
+    let mut kinds = Vec::new();
+    let loops = if args.loops.is_empty() {
+        vec![
+            crate::watchers::LoopName::Proactor,
+            crate::watchers::LoopName::Selector,
+        ]
+    } else {
+        args.loops.clone()
+    };
+    for l in loops {
+        let k = match l {
+            crate::watchers::LoopName::Auto => watchers::loop_kind(l)?,
+            crate::watchers::LoopName::Proactor => LoopKind::Proactor,
+            crate::watchers::LoopName::Selector => LoopKind::Selector,
+        };
+        if !kinds.contains(&k) {
+            kinds.push(k);
+        }
+    }
+    let mut whos = vec![Who::Raw];
+    for w in WatcherName::ALL {
+        if want(w.as_str()) {
+            for &k in &kinds {
+                whos.push(Who::Ours(w, k));
+            }
+        }
+    }
+    for (name, who) in PEERS
+        .iter()
+        .zip([Who::Tokio, Who::AsyncProcess, Who::StdThreads])
+    {
+        if want(name) {
+            whos.push(who);
+        }
+    }
+    if has(Scenario::Scale) {
+        whos.insert(1, Who::RawPidfd);
+        let head = sys::task_headroom() as usize;
+        // Threaded watchers need a thread per child too.
+        let max = head / 2;
+        if sizes.scale > max {
+            notes.push(format!(
+                "scale: reduced from {} to {} live children: pid_max/threads-max/RLIMIT_NPROC leave room for {} more tasks here",
+                sizes.scale, max, head
+            ));
+            sizes.scale = max.max(1);
+        }
+    }
+
+    let programs = Programs {
+        short: Program::find(&["/bin/true", "/usr/bin/true"], &["true"])?,
+        long: Program::find(&["/bin/sleep", "/usr/bin/sleep"], &["sleep", "1000"])?,
+    };
+
+    let steps: usize = whos
+        .iter()
+        .map(|w| {
+            let mut s = 0;
+            if *w != Who::RawPidfd {
+                s += has(Scenario::Throughput) as usize
+                    + has(Scenario::Mixed) as usize
+                    + has(Scenario::Latency) as usize;
+            }
+            if has(Scenario::Scale) && w.does_scale() {
+                s += 1;
+            }
+            s
+        })
+        .sum();
+    let progress = std::io::stderr().is_terminal().then(|| {
+        let pb = ProgressBar::new(steps as u64);
+        if let Ok(style) =
+            ProgressStyle::with_template("{bar:40.cyan/blue} {pos}/{len} {msg} [{elapsed}]")
+        {
+            pb.set_style(style);
+        }
+        pb
+    });
+    let step = |msg: String| {
+        if let Some(pb) = &progress {
+            pb.set_message(msg);
+        }
+    };
+    let tick = || {
+        if let Some(pb) = &progress {
+            pb.inc(1);
+        }
+    };
+
+    let mut rows = Vec::new();
+    for &who in &whos {
+        let mut row = Row {
+            runner: who.label(),
+            ..Row::default()
+        };
+        if let Who::Ours(w, _) = who {
+            if let Err(why) = watchers::watcher_support(w) {
+                row.unavailable = Some(why);
+                rows.push(row);
+                for _ in 0..(has(Scenario::Throughput) as usize
+                    + has(Scenario::Mixed) as usize
+                    + has(Scenario::Latency) as usize
+                    + (has(Scenario::Scale) && who.does_scale()) as usize)
+                {
+                    tick();
+                }
+                continue;
+            }
+        }
+        if who != Who::RawPidfd
+            && (has(Scenario::Throughput) || has(Scenario::Mixed) || has(Scenario::Latency))
+        {
+            step(format!("{}: throughput, mixed, latency", who.label()));
+            match make_runner(who, &programs) {
+                Ok(mut r) => {
+                    measure(&mut *r, &mut row, &sizes, &scenarios, &tick);
+                }
+                Err(e) => {
+                    row.unavailable = Some(format!("{e:#}"));
+                }
+            }
+        }
+        if has(Scenario::Scale) && who.does_scale() && row.unavailable.is_none() {
+            step(format!("{}: scale ({} children)", who.label(), sizes.scale));
+            match scale(who, &programs, sizes.scale) {
+                Ok(s) => row.scale = Some(s),
+                Err(e) => row.errors.push(format!("scale: {e:#}")),
+            }
+            tick();
+        }
+        rows.push(row);
+    }
+    if let Some(pb) = &progress {
+        pb.finish_and_clear();
+    }
+    compute_ratios(&mut rows);
+    if has(Scenario::Scale) {
+        notes.push(format!(
+            "scale: every runner but the raw pidfd loop runs with RLIMIT_NOFILE lowered to 1024; the raw pidfd loop needs a descriptor per child and keeps the current limit"
+        ));
+    }
+    let report = Report {
+        kernel: sys::kernel(),
+        cpus: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        scenarios: scenarios.clone(),
+        notes,
+        rows,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_tables(&report, &sizes);
+    }
+    Ok(0)
+}
+
+fn measure(r: &mut dyn Runner, row: &mut Row, sz: &Sizes, sc: &[Scenario], tick: &dyn Fn()) {
+    let has = |s| sc.contains(&s);
+    let mut err = |what: &str, e: anyhow::Error| row.errors.push(format!("{what}: {e:#}"));
+    let mut throughput = None;
+    if has(Scenario::Throughput) {
+        match r.run_short(sz.throughput, sz.inflight) {
+            Ok(t) => {
+                throughput = Some(Throughput {
+                    n: sz.throughput,
+                    inflight: sz.inflight,
+                    secs: t.as_secs_f64(),
+                    per_sec: sz.throughput as f64 / t.as_secs_f64(),
+                    vs_raw: None,
+                })
+            }
+            Err(e) => err("throughput", e),
+        }
+        tick();
+    }
+    let mut lat0 = None;
+    if has(Scenario::Latency) {
+        match r.latency(sz.latency_samples) {
+            Ok(v) => lat0 = Some(v),
+            Err(e) => err("latency", e),
+        }
+    }
+    let mut base = None;
+    if has(Scenario::Mixed) {
+        match r.run_short(sz.mixed, sz.inflight) {
+            Ok(t) => base = Some(t),
+            Err(e) => err("mixed", e),
+        }
+    }
+    let others = if has(Scenario::Mixed) {
+        sz.mixed
+    } else {
+        sz.latency_others
+    };
+    let mut mixed = None;
+    let mut lat1 = None;
+    if has(Scenario::Mixed) || has(Scenario::Latency) {
+        match r.hold(others) {
+            Ok(()) => {
+                if let (true, Some(b)) = (has(Scenario::Mixed), base) {
+                    match r.run_short(sz.mixed, sz.inflight) {
+                        Ok(t) => {
+                            mixed = Some(Mixed {
+                                long_lived: others,
+                                short: sz.mixed,
+                                none_watched_secs: b.as_secs_f64(),
+                                watched_secs: t.as_secs_f64(),
+                                slowdown: t.as_secs_f64() / b.as_secs_f64() - 1.0,
+                            })
+                        }
+                        Err(e) => err("mixed", e),
+                    }
+                }
+                if has(Scenario::Latency) {
+                    match r.latency(sz.latency_samples) {
+                        Ok(v) => lat1 = Some(v),
+                        Err(e) => err("latency", e),
+                    }
+                }
+            }
+            Err(e) => err("holding long-lived children", e),
+        }
+        match r.release() {
+            Ok(rel) if rel.reported != rel.held => err(
+                "release",
+                anyhow::anyhow!(
+                    "only {} of {} killed children were reported with -SIGKILL",
+                    rel.reported,
+                    rel.held
+                ),
+            ),
+            Ok(_) => {}
+            Err(e) => err("release", e),
+        }
+        if has(Scenario::Mixed) {
+            tick();
+        }
+        if has(Scenario::Latency) {
+            tick();
+        }
+    }
+    row.throughput = throughput;
+    row.mixed = mixed;
+    if lat0.is_some() || lat1.is_some() {
+        let (mut a, mut b) = (lat0.unwrap_or_default(), lat1.unwrap_or_default());
+        row.latency = Some(Latency {
+            samples: sz.latency_samples,
+            others,
+            p50_us_alone: percentile(&mut a, 0.5),
+            p99_us_alone: percentile(&mut a, 0.99),
+            p50_us_with_others: percentile(&mut b, 0.5),
+            p99_us_with_others: percentile(&mut b, 0.99),
+            p50_vs_raw: None,
+        });
+    }
+}
+
+fn scale(who: Who, programs: &Programs, n: usize) -> Result<Scale> {
+    let limit = if who == Who::RawPidfd {
+        let (soft, hard) = sys::nofile()?;
+        let need = (n as u64 + 256).max(soft);
+        if need > hard {
+            bail!("needs {need} descriptors but the hard RLIMIT_NOFILE is {hard}");
+        }
+        need
+    } else {
+        1024
+    };
+    let _guard = sys::NofileGuard::set(limit)?;
+    let mut r = make_runner(who, programs)?;
+    let (threads0, rss0) = (sys::threads(), sys::rss_kib());
+    let held = r.hold(n);
+    let (fds1, threads1, rss1) = (sys::open_fds(), sys::threads(), sys::rss_kib());
+    let rel = r.release();
+    drop(r);
+    let rel = match (held, rel) {
+        (Ok(()), Ok(rel)) => rel,
+        (Err(e), _) => return Err(e.context("while starting the children")),
+        (Ok(()), Err(e)) => return Err(e.context("while killing and reaping")),
+    };
+    Ok(Scale {
+        n,
+        nofile_limit: limit,
+        completed: rel.reported == n,
+        reported: rel.reported,
+        peak_fds: fds1,
+        extra_threads: threads1.saturating_sub(threads0),
+        kib_per_child: rss1.saturating_sub(rss0) as f64 / n as f64,
+        kill_reap_secs: Some(rel.time.as_secs_f64()),
+        vs_raw_pidfd: None,
+    })
+}
+
+fn compute_ratios(rows: &mut [Row]) {
+    let raw_tp = rows
+        .iter()
+        .find(|r| r.runner == Who::Raw.label())
+        .and_then(|r| r.throughput.as_ref().map(|t| t.secs));
+    let raw_p50 = rows
+        .iter()
+        .find(|r| r.runner == Who::Raw.label())
+        .and_then(|r| r.latency.as_ref().and_then(|l| l.p50_us_alone));
+    let raw_scale = rows
+        .iter()
+        .find(|r| r.runner == Who::RawPidfd.label())
+        .and_then(|r| r.scale.as_ref().and_then(|s| s.kill_reap_secs));
+    for r in rows {
+        if let (Some(t), Some(raw)) = (r.throughput.as_mut(), raw_tp) {
+            t.vs_raw = Some(raw / t.secs);
+        }
+        if let (Some(l), Some(raw)) = (r.latency.as_mut(), raw_p50) {
+            l.p50_vs_raw = l.p50_us_alone.map(|p| p / raw);
+        }
+        if let (Some(s), Some(raw)) = (r.scale.as_mut(), raw_scale) {
+            s.vs_raw_pidfd = s.kill_reap_secs.map(|t| t / raw);
+        }
+    }
+}
+
+// ------------------------------------------------------------------ tables
+
+fn f2(v: Option<f64>) -> String {
+    v.map(|x| format!("{x:.2}")).unwrap_or_else(|| "-".into())
+}
+
+fn us(v: Option<f64>) -> String {
+    v.map(|x| {
+        if x >= 10_000.0 {
+            format!("{:.1}ms", x / 1000.0)
+        } else {
+            format!("{x:.0}µs")
+        }
+    })
+    .unwrap_or_else(|| "-".into())
+}
+
+fn print_tables(rep: &Report, sz: &Sizes) {
+    println!(
+        "childwatch bench — Linux {}, {} CPUs; ratios are to the raw baselines of this run",
+        rep.kernel, rep.cpus
+    );
+    for n in &rep.notes {
+        println!("note: {n}");
+    }
+    let w = rep
+        .rows
+        .iter()
+        .map(|r| r.runner.len())
+        .max()
+        .unwrap_or(10)
+        .max(24);
+    let na = |r: &Row| -> Option<String> {
+        r.unavailable
+            .as_ref()
+            .map(|u| format!("{:<w$}  n/a: {u}", r.runner))
+    };
+    let errs = |r: &Row, what: &str| -> Option<String> {
+        r.errors
+            .iter()
+            .find(|e| e.starts_with(what))
+            .map(|e| format!("{:<w$}  error: {e}", r.runner))
+    };
+    if rep.scenarios.contains(&Scenario::Throughput) {
+        println!(
+            "\nthroughput: {} × /bin/true, {} in flight (vs raw: higher is faster)",
+            sz.throughput, sz.inflight
+        );
+        println!(
+            "{:<w$}  {:>9}  {:>10}  {:>7}",
+            "runner", "time", "spawns/s", "vs raw"
+        );
+        for r in &rep.rows {
+            if r.runner == Who::RawPidfd.label() {
+                continue;
+            }
+            if let Some(t) = &r.throughput {
+                println!(
+                    "{:<w$}  {:>8.3}s  {:>10.0}  {:>7}",
+                    r.runner,
+                    t.secs,
+                    t.per_sec,
+                    f2(t.vs_raw)
+                );
+            } else if let Some(l) = na(r).or_else(|| errs(r, "throughput")) {
+                println!("{l}");
+            }
+        }
+    }
+    if rep.scenarios.contains(&Scenario::Mixed) {
+        println!(
+            "\nmixed: {} short children while {} long-lived ones are watched (slowdown vs none watched)",
+            sz.mixed, sz.mixed
+        );
+        println!(
+            "{:<w$}  {:>10}  {:>10}  {:>9}",
+            "runner", "none", "watched", "slowdown"
+        );
+        for r in &rep.rows {
+            if r.runner == Who::RawPidfd.label() {
+                continue;
+            }
+            if let Some(m) = &r.mixed {
+                println!(
+                    "{:<w$}  {:>9.3}s  {:>9.3}s  {:>+8.1}%",
+                    r.runner,
+                    m.none_watched_secs,
+                    m.watched_secs,
+                    m.slowdown * 100.0
+                );
+            } else if let Some(l) =
+                na(r).or_else(|| errs(r, "mixed").or_else(|| errs(r, "holding")))
+            {
+                println!("{l}");
+            }
+        }
+    }
+    if rep.scenarios.contains(&Scenario::Latency) {
+        let others = rep
+            .rows
+            .iter()
+            .find_map(|r| r.latency.as_ref().map(|l| l.others))
+            .unwrap_or(sz.latency_others);
+        println!(
+            "\nlatency: kill → exit reported, {} samples, alone and with {} other children watched",
+            sz.latency_samples, others
+        );
+        println!(
+            "{:<w$}  {:>8}  {:>8}  {:>8}  {:>8}  {:>10}",
+            "runner", "p50", "p99", "p50+", "p99+", "p50 vs raw"
+        );
+        for r in &rep.rows {
+            if r.runner == Who::RawPidfd.label() {
+                continue;
+            }
+            if let Some(l) = &r.latency {
+                println!(
+                    "{:<w$}  {:>8}  {:>8}  {:>8}  {:>8}  {:>10}",
+                    r.runner,
+                    us(l.p50_us_alone),
+                    us(l.p99_us_alone),
+                    us(l.p50_us_with_others),
+                    us(l.p99_us_with_others),
+                    f2(l.p50_vs_raw)
+                );
+            } else if let Some(l) = na(r).or_else(|| errs(r, "latency")) {
+                println!("{l}");
+            }
+        }
+    }
+    if rep.scenarios.contains(&Scenario::Scale) {
+        let n = rep
+            .rows
+            .iter()
+            .find_map(|r| r.scale.as_ref().map(|s| s.n))
+            .unwrap_or(sz.scale);
+        println!(
+            "\nscale: {n} live children (RLIMIT_NOFILE 1024), SIGKILL all, reap all (vs raw pidfd: lower is faster)"
+        );
+        println!(
+            "{:<w$}  {:>9}  {:>8}  {:>8}  {:>10}  {:>10}  {:>8}",
+            "runner", "completed", "peak fds", "threads", "KiB/child", "kill+reap", "vs pidfd"
+        );
+        for r in &rep.rows {
+            if let Some(s) = &r.scale {
+                println!(
+                    "{:<w$}  {:>9}  {:>8}  {:>8}  {:>10.2}  {:>9.3}s  {:>8}",
+                    r.runner,
+                    if s.completed {
+                        "yes".to_string()
+                    } else {
+                        format!("{}/{}", s.reported, s.n)
+                    },
+                    s.peak_fds,
+                    s.extra_threads,
+                    s.kib_per_child,
+                    s.kill_reap_secs.unwrap_or(f64::NAN),
+                    f2(s.vs_raw_pidfd)
+                );
+            } else if let Some(l) = na(r).or_else(|| errs(r, "scale")) {
+                println!("{l}");
+            } else {
+                println!("{:<w$}  n/a", r.runner);
+            }
+        }
+    }
+}

@@ -1,0 +1,244 @@
+//! Choosing a child watcher and a loop kind by name, probing what this
+//! machine supports, and the `childwatch watchers` command.
+//!
+//! `CHILDWATCH_DISABLE=pidfd,uring,proactor` makes the CLI treat those
+//! kernel features as missing (to try the fallbacks on a kernel that has
+//! everything).
+
+use std::fmt;
+use std::sync::Arc;
+
+use anyhow::{Result, bail};
+use childwatch::{ChildWatcher, EventLoop, LoopKind};
+use clap::ValueEnum;
+
+/// A watcher the user can ask for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WatcherName {
+    /// A thread per child blocked in waitpid(pid).
+    Threaded,
+    /// SIGCHLD on the attached loop, then waitpid(pid, WNOHANG) for each child.
+    Safe,
+    /// SIGCHLD on the attached loop, then waitpid(-1, WNOHANG) (reaps every child).
+    Fast,
+    /// Process-wide SIGCHLD, callbacks delivered to the loop that spawned.
+    #[value(name = "multiloop")]
+    #[serde(rename = "multiloop")]
+    MultiLoop,
+    /// A pidfd per child, polled by the loop.
+    Pidfd,
+    /// io_uring POLL_ADD on pidfds within a budget, WAITID beyond it.
+    Uring,
+    /// What the default policy picks here.
+    Auto,
+}
+
+impl WatcherName {
+    /// Every concrete watcher, in the order of the design's table.
+    pub const ALL: [WatcherName; 6] = [
+        WatcherName::Threaded,
+        WatcherName::Safe,
+        WatcherName::Fast,
+        WatcherName::MultiLoop,
+        WatcherName::Pidfd,
+        WatcherName::Uring,
+    ];
+
+    /// The name used on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WatcherName::Threaded => "threaded",
+            WatcherName::Safe => "safe",
+            WatcherName::Fast => "fast",
+            WatcherName::MultiLoop => "multiloop",
+            WatcherName::Pidfd => "pidfd",
+            WatcherName::Uring => "uring",
+            WatcherName::Auto => "auto",
+        }
+    }
+}
+
+impl fmt::Display for WatcherName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A loop kind the user can ask for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LoopName {
+    /// io_uring.
+    Proactor,
+    /// epoll.
+    Selector,
+    /// The proactor where io_uring works, else the selector.
+    Auto,
+}
+
+fn disabled(feature: &str) -> bool {
+    std::env::var("CHILDWATCH_DISABLE")
+        .map(|v| v.split(',').any(|f| f.trim() == feature))
+        .unwrap_or(false)
+}
+
+/// Whether io_uring loops work here.
+pub fn proactor_ok() -> bool {
+    !disabled("proactor") && childwatch::proactor_supported()
+}
+
+/// Whether `pidfd_open` works here.
+pub fn pidfd_ok() -> bool {
+    // Replaced by PidfdChildWatcher::is_supported() once the watchers land.
+    if disabled("pidfd") {
+        return false;
+    }
+    // SAFETY: pidfd_open(getpid(), 0) only returns a new descriptor, which we
+    // close at once; it has no other effect.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0) };
+    if fd < 0 {
+        return false;
+    }
+    // SAFETY: `fd` was just returned to us and is closed exactly once.
+    unsafe { libc::close(fd as i32) };
+    true
+}
+
+/// Whether the io_uring watcher (WAITID, Linux 6.7+) works here.
+pub fn uring_ok() -> bool {
+    // Replaced by UringChildWatcher::is_supported() once the uring watcher lands.
+    false
+}
+
+/// What this build and kernel say about one watcher: `Ok` if usable, else why not.
+pub fn watcher_support(name: WatcherName) -> std::result::Result<(), String> {
+    match name {
+        WatcherName::Threaded | WatcherName::Auto => Ok(()),
+        WatcherName::Safe | WatcherName::Fast | WatcherName::MultiLoop => {
+            Err("not available in this build yet".into())
+        }
+        WatcherName::Pidfd => {
+            if !pidfd_ok() {
+                Err("this kernel lacks pidfd_open (Linux 5.3+)".into())
+            } else {
+                Err("not available in this build yet".into())
+            }
+        }
+        WatcherName::Uring => {
+            if disabled("uring") {
+                Err("this kernel lacks io_uring WAITID (Linux 6.7+)".into())
+            } else if !uring_ok() {
+                Err("not available in this build yet".into())
+            } else {
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The watcher the default policy picks on this machine (Uring, else Pidfd,
+/// else Threaded), among the ones this build has.
+pub fn default_pick() -> WatcherName {
+    [WatcherName::Uring, WatcherName::Pidfd]
+        .into_iter()
+        .find(|w| watcher_support(*w).is_ok())
+        .unwrap_or(WatcherName::Threaded)
+}
+
+/// Resolves `auto`.
+pub fn resolve(name: WatcherName) -> WatcherName {
+    if name == WatcherName::Auto {
+        default_pick()
+    } else {
+        name
+    }
+}
+
+/// Builds the named watcher, or a one-line reason why it cannot be used here.
+pub fn make_watcher(name: WatcherName) -> Result<Arc<dyn ChildWatcher>> {
+    let name = resolve(name);
+    if let Err(why) = watcher_support(name) {
+        bail!("the {name} watcher cannot be used: {why}; try --watcher threaded");
+    }
+    let w: Arc<dyn ChildWatcher> = match name {
+        WatcherName::Threaded | WatcherName::Auto => {
+            Arc::new(childwatch::ThreadedChildWatcher::new()?)
+        }
+        // UringChildWatcher: constructed here once main has it (one line).
+        WatcherName::Uring => bail!("the uring watcher is not available in this build yet"),
+        other => bail!("the {other} watcher is not available in this build yet"),
+    };
+    Ok(w)
+}
+
+/// Picks the loop kind, or says why it cannot be had.
+pub fn loop_kind(name: LoopName) -> Result<LoopKind> {
+    match name {
+        LoopName::Selector => Ok(LoopKind::Selector),
+        LoopName::Proactor if proactor_ok() => Ok(LoopKind::Proactor),
+        LoopName::Proactor => {
+            bail!(
+                "the proactor loop needs io_uring, which this kernel lacks or forbids; try --loop selector"
+            )
+        }
+        LoopName::Auto if proactor_ok() => Ok(LoopKind::Proactor),
+        LoopName::Auto => Ok(LoopKind::Selector),
+    }
+}
+
+/// A new loop with `watcher` installed as the process's child watcher (and
+/// attached to the loop where the watcher needs that).
+pub fn setup(kind: LoopKind, name: WatcherName) -> Result<(EventLoop, Arc<dyn ChildWatcher>)> {
+    let watcher = make_watcher(name)?;
+    let lp = EventLoop::new(kind)
+        .map_err(|e| anyhow::anyhow!("cannot create the {kind} event loop: {e}"))?;
+    childwatch::set_child_watcher(Some(Arc::clone(&watcher)));
+    watcher.attach_loop(Some(&lp));
+    Ok((lp, watcher))
+}
+
+/// Closes the loop and drops the watcher again.
+pub fn teardown(lp: &EventLoop, watcher: &Arc<dyn ChildWatcher>) {
+    watcher.attach_loop(None);
+    childwatch::set_child_watcher(None);
+    watcher.close();
+    let _ = lp.close();
+}
+
+/// `childwatch watchers`: what this machine supports.
+pub fn command() -> Result<()> {
+    let pick = default_pick();
+    println!("loop kinds:");
+    println!(
+        "  {:<10} {}",
+        "proactor",
+        if proactor_ok() {
+            "supported (io_uring)"
+        } else {
+            "unsupported: io_uring is missing or forbidden"
+        }
+    );
+    println!("  {:<10} supported (epoll)", "selector");
+    println!(
+        "  default policy loop: {}",
+        if proactor_ok() {
+            "proactor"
+        } else {
+            "selector"
+        }
+    );
+    println!("watchers:");
+    for w in WatcherName::ALL {
+        let status = match watcher_support(w) {
+            Ok(()) => "supported".to_string(),
+            Err(why) => format!("unavailable: {why}"),
+        };
+        let mark = if w == pick {
+            "  <- default policy pick"
+        } else {
+            ""
+        };
+        println!("  {:<10} {status}{mark}", w.as_str());
+    }
+    Ok(())
+}
