@@ -15,7 +15,7 @@ mod watchers;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -40,6 +40,14 @@ enum Cmd {
     Bench(bench::BenchArgs),
     /// List the watchers and loop kinds this machine supports.
     Watchers,
+    /// One scale measurement in a fresh process (used by `bench`).
+    #[command(hide = true)]
+    BenchScaleOne {
+        /// Runner id.
+        who: String,
+        /// Live children.
+        n: usize,
+    },
 }
 
 fn main() -> ExitCode {
@@ -47,10 +55,25 @@ fn main() -> ExitCode {
         eprintln!("childwatch: internal error: {info}");
     }));
     let cli = Cli::parse();
+    if let Cmd::Run(a) = &cli.cmd {
+        // The command words swallow everything after the first one; a first
+        // word that looks like an option and is not after `--` is a typo.
+        if let Some(first) = a.command.first() {
+            if first.starts_with('-') && !std::env::args().any(|w| w == "--") {
+                Cli::command()
+                    .error(
+                        clap::error::ErrorKind::UnknownArgument,
+                        format!("unexpected argument '{first}' (put the command after '--')"),
+                    )
+                    .exit();
+            }
+        }
+    }
     let result = match cli.cmd {
         Cmd::Run(a) => run::command(a),
         Cmd::Bench(a) => bench::command(a),
         Cmd::Watchers => watchers::command().map(|()| 0),
+        Cmd::BenchScaleOne { who, n } => bench::scale_one(&who, n),
     };
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),

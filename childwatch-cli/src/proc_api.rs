@@ -255,7 +255,8 @@ pub async fn read_all(pipe: Option<ChildStdout>) -> io::Result<Vec<u8>> {
     let Some(ChildStdout(mut r)) = pipe else {
         return Ok(Vec::new());
     };
-    let slot: Arc<Slot<Result<Arc<Vec<u8>>, Arc<io::Error>>>> = Slot::new();
+    type ReadResult = Result<Arc<Vec<u8>>, Arc<io::Error>>;
+    let slot: Arc<Slot<ReadResult>> = Slot::new();
     let s2 = Arc::clone(&slot);
     std::thread::Builder::new()
         .name("pipe-reader".into())

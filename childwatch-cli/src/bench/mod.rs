@@ -16,7 +16,7 @@ mod sys;
 use std::io::IsTerminal;
 use std::time::Duration;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use childwatch::LoopKind;
 use clap::ValueEnum;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -86,8 +86,13 @@ pub struct BenchArgs {
     #[arg(long)]
     pub json: bool,
     /// Tiny sizes (for tests and a first look).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "full")]
     pub quick: bool,
+    /// The design's sizes (2,000 spawns; 1,000 + 1,000 mixed; 1,000 others
+    /// for latency; 10,000 live children for scale, on both loop kinds).
+    /// Takes a few minutes; the default run is sized to take about one.
+    #[arg(long)]
+    pub full: bool,
 }
 
 fn parse_n(s: &str) -> Result<usize, String> {
@@ -121,7 +126,44 @@ impl Who {
         }
     }
 
-    fn does_scale(self) -> bool {
+    /// A stable id, for the scale child process's command line.
+    fn id(self) -> String {
+        match self {
+            Who::Raw => "raw".into(),
+            Who::RawPidfd => "raw-pidfd".into(),
+            Who::Ours(w, k) => format!("{w}/{k}"),
+            Who::Tokio => "tokio".into(),
+            Who::AsyncProcess => "async-process".into(),
+            Who::StdThreads => "std-threads".into(),
+        }
+    }
+
+    fn from_id(id: &str) -> Option<Who> {
+        Some(match id {
+            "raw" => Who::Raw,
+            "raw-pidfd" => Who::RawPidfd,
+            "tokio" => Who::Tokio,
+            "async-process" => Who::AsyncProcess,
+            "std-threads" => Who::StdThreads,
+            _ => {
+                let (w, k) = id.split_once('/')?;
+                let w = WatcherName::from_str(w, false).ok()?;
+                let k = match k {
+                    "proactor" => LoopKind::Proactor,
+                    "selector" => LoopKind::Selector,
+                    _ => return None,
+                };
+                Who::Ours(w, k)
+            }
+        })
+    }
+
+    fn does_scale(self, scale_loop: LoopKind, all_loops: bool) -> bool {
+        if let Who::Ours(_, k) = self {
+            if !all_loops && k != scale_loop {
+                return false;
+            }
+        }
         matches!(
             self,
             Who::RawPidfd
@@ -208,9 +250,11 @@ struct Latency {
     p50_vs_raw: Option<f64>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, serde::Deserialize)]
 struct Scale {
     n: usize,
+    /// Time to start (and register) all the children.
+    start_secs: f64,
     nofile_limit: u64,
     completed: bool,
     reported: usize,
@@ -273,7 +317,7 @@ pub fn command(args: BenchArgs) -> Result<i32> {
             latency_samples: 10,
             latency_others: 20,
         }
-    } else {
+    } else if args.full {
         Sizes {
             throughput: 2000,
             inflight: 64,
@@ -281,6 +325,15 @@ pub fn command(args: BenchArgs) -> Result<i32> {
             scale: 10_000,
             latency_samples: 100,
             latency_others: 1000,
+        }
+    } else {
+        Sizes {
+            throughput: 1000,
+            inflight: 64,
+            mixed: 500,
+            scale: 2000,
+            latency_samples: 50,
+            latency_others: 500,
         }
     };
     if let Some(n) = args.n {
@@ -325,6 +378,7 @@ pub fn command(args: BenchArgs) -> Result<i32> {
             kinds.push(k);
         }
     }
+    let scale_loop = kinds.first().copied().unwrap_or(LoopKind::Selector);
     let mut whos = vec![Who::Raw];
     for w in WatcherName::ALL {
         if want(w.as_str()) {
@@ -369,7 +423,7 @@ pub fn command(args: BenchArgs) -> Result<i32> {
                     + has(Scenario::Mixed) as usize
                     + has(Scenario::Latency) as usize;
             }
-            if has(Scenario::Scale) && w.does_scale() {
+            if has(Scenario::Scale) && w.does_scale(scale_loop, args.full) {
                 s += 1;
             }
             s
@@ -408,7 +462,7 @@ pub fn command(args: BenchArgs) -> Result<i32> {
                 for _ in 0..(has(Scenario::Throughput) as usize
                     + has(Scenario::Mixed) as usize
                     + has(Scenario::Latency) as usize
-                    + (has(Scenario::Scale) && who.does_scale()) as usize)
+                    + (has(Scenario::Scale) && who.does_scale(scale_loop, args.full)) as usize)
                 {
                     tick();
                 }
@@ -428,9 +482,12 @@ pub fn command(args: BenchArgs) -> Result<i32> {
                 }
             }
         }
-        if has(Scenario::Scale) && who.does_scale() && row.unavailable.is_none() {
+        if has(Scenario::Scale)
+            && who.does_scale(scale_loop, args.full)
+            && row.unavailable.is_none()
+        {
             step(format!("{}: scale ({} children)", who.label(), sizes.scale));
-            match scale(who, &programs, sizes.scale) {
+            match scale(who, sizes.scale) {
                 Ok(s) => row.scale = Some(s),
                 Err(e) => row.errors.push(format!("scale: {e:#}")),
             }
@@ -443,9 +500,10 @@ pub fn command(args: BenchArgs) -> Result<i32> {
     }
     compute_ratios(&mut rows);
     if has(Scenario::Scale) {
-        notes.push(format!(
-            "scale: every runner but the raw pidfd loop runs with RLIMIT_NOFILE lowered to 1024; the raw pidfd loop needs a descriptor per child and keeps the current limit"
-        ));
+        notes.push(
+            "scale: each runner runs in a fresh process with RLIMIT_NOFILE lowered to 1024, except the raw pidfd loop, which needs a descriptor per child"
+                .to_string(),
+        );
     }
     let report = Report {
         kernel: sys::kernel(),
@@ -565,7 +623,47 @@ fn measure(r: &mut dyn Runner, row: &mut Row, sz: &Sizes, sc: &[Scenario], tick:
     }
 }
 
-fn scale(who: Who, programs: &Programs, n: usize) -> Result<Scale> {
+/// Runs one runner's scale measurement in a fresh `childwatch` process, so
+/// that its memory, threads and descriptors are its own and nothing of an
+/// earlier runner (heap, threads, handlers) is counted.
+fn scale(who: Who, n: usize) -> Result<Scale> {
+    let exe = std::env::current_exe().context("cannot find the childwatch executable")?;
+    let out = std::process::Command::new(exe)
+        .args(["bench-scale-one", &who.id(), &n.to_string()])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .context("cannot start the scale measurement process")?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let line = err
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("");
+        bail!(
+            "{} ({})",
+            line.trim_start_matches("childwatch: error: "),
+            out.status
+        );
+    }
+    serde_json::from_slice(&out.stdout).context("unreadable scale measurement")
+}
+
+/// The hidden `bench-scale-one WHO N` command: one scale measurement, as JSON.
+pub fn scale_one(who: &str, n: usize) -> Result<i32> {
+    let Some(who) = Who::from_id(who) else {
+        bail!("unknown runner '{who}'");
+    };
+    let programs = Programs {
+        short: Program::find(&["/bin/true", "/usr/bin/true"], &["true"])?,
+        long: Program::find(&["/bin/sleep", "/usr/bin/sleep"], &["sleep", "1000"])?,
+    };
+    let s = scale_here(who, &programs, n)?;
+    println!("{}", serde_json::to_string(&s)?);
+    Ok(0)
+}
+
+fn scale_here(who: Who, programs: &Programs, n: usize) -> Result<Scale> {
     let limit = if who == Who::RawPidfd {
         let (soft, hard) = sys::nofile()?;
         let need = (n as u64 + 256).max(soft);
@@ -576,11 +674,14 @@ fn scale(who: Who, programs: &Programs, n: usize) -> Result<Scale> {
     } else {
         1024
     };
+    let probe = sys::Probe::new()?;
     let _guard = sys::NofileGuard::set(limit)?;
     let mut r = make_runner(who, programs)?;
-    let (threads0, rss0) = (sys::threads(), sys::rss_kib());
+    let before = probe.read();
+    let t0 = std::time::Instant::now();
     let held = r.hold(n);
-    let (fds1, threads1, rss1) = (sys::open_fds(), sys::threads(), sys::rss_kib());
+    let start_secs = t0.elapsed().as_secs_f64();
+    let peak = probe.read();
     let rel = r.release();
     drop(r);
     let rel = match (held, rel) {
@@ -590,12 +691,13 @@ fn scale(who: Who, programs: &Programs, n: usize) -> Result<Scale> {
     };
     Ok(Scale {
         n,
+        start_secs,
         nofile_limit: limit,
         completed: rel.reported == n,
         reported: rel.reported,
-        peak_fds: fds1,
-        extra_threads: threads1.saturating_sub(threads0),
-        kib_per_child: rss1.saturating_sub(rss0) as f64 / n as f64,
+        peak_fds: peak.fds,
+        extra_threads: peak.threads.saturating_sub(before.threads),
+        kib_per_child: peak.rss_kib.saturating_sub(before.rss_kib) as f64 / n as f64,
         kill_reap_secs: Some(rel.time.as_secs_f64()),
         vs_raw_pidfd: None,
     })
@@ -767,13 +869,20 @@ fn print_tables(rep: &Report, sz: &Sizes) {
             "\nscale: {n} live children (RLIMIT_NOFILE 1024), SIGKILL all, reap all (vs raw pidfd: lower is faster)"
         );
         println!(
-            "{:<w$}  {:>9}  {:>8}  {:>8}  {:>10}  {:>10}  {:>8}",
-            "runner", "completed", "peak fds", "threads", "KiB/child", "kill+reap", "vs pidfd"
+            "{:<w$}  {:>9}  {:>8}  {:>8}  {:>10}  {:>9}  {:>10}  {:>8}",
+            "runner",
+            "completed",
+            "peak fds",
+            "threads",
+            "KiB/child",
+            "start",
+            "kill+reap",
+            "vs pidfd"
         );
         for r in &rep.rows {
             if let Some(s) = &r.scale {
                 println!(
-                    "{:<w$}  {:>9}  {:>8}  {:>8}  {:>10.2}  {:>9.3}s  {:>8}",
+                    "{:<w$}  {:>9}  {:>8}  {:>8}  {:>10.2}  {:>8.2}s  {:>9.3}s  {:>8}",
                     r.runner,
                     if s.completed {
                         "yes".to_string()
@@ -783,6 +892,7 @@ fn print_tables(rep: &Report, sz: &Sizes) {
                     s.peak_fds,
                     s.extra_threads,
                     s.kib_per_child,
+                    s.start_secs,
                     s.kill_reap_secs.unwrap_or(f64::NAN),
                     f2(s.vs_raw_pidfd)
                 );

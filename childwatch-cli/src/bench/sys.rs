@@ -9,31 +9,62 @@ use std::path::Path;
 
 use anyhow::{Result, bail};
 
-/// Descriptors open in this process now.
-pub fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd")
-        .map(|d| d.count().saturating_sub(1)) // the directory handle itself
-        .unwrap_or(0)
+/// Reads this process's descriptor count, threads and resident memory even
+/// when the descriptor limit is exhausted: /proc/self/status is opened once,
+/// up front, and re-read in place; descriptors are counted with `fcntl`.
+#[derive(Debug)]
+pub struct Probe {
+    status: std::fs::File,
 }
 
-/// Threads in this process now.
-pub fn threads() -> usize {
-    std::fs::read_dir("/proc/self/task")
-        .map(|d| d.count())
-        .unwrap_or(0)
+/// One reading of a [`Probe`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Usage {
+    /// Open descriptors.
+    pub fds: usize,
+    /// Threads.
+    pub threads: usize,
+    /// Resident memory (VmRSS), KiB.
+    pub rss_kib: u64,
 }
 
-/// Resident memory in KiB (VmRSS).
-pub fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
+impl Probe {
+    /// Opens /proc/self/status.
+    pub fn new() -> io::Result<Probe> {
+        Ok(Probe {
+            status: std::fs::File::open("/proc/self/status")?,
+        })
+    }
+
+    /// Reads the current usage.
+    pub fn read(&self) -> Usage {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; 8192];
+        let n = self.status.read_at(&mut buf, 0).unwrap_or(0);
+        let text = String::from_utf8_lossy(&buf[..n]);
+        let field = |name: &str| -> u64 {
+            text.lines()
+                .find(|l| l.starts_with(name))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
+                .unwrap_or(0)
+        };
+        Usage {
+            fds: open_fds() - 1, // our own status descriptor
+            threads: field("Threads:") as usize,
+            rss_kib: field("VmRSS:"),
+        }
+    }
+}
+
+/// Descriptors open in this process now (probing each number below the
+/// soft limit, which needs no descriptor of its own).
+fn open_fds() -> usize {
+    let limit = nofile().map(|(soft, _)| soft).unwrap_or(1024).min(1 << 20);
+    (0..limit as i32)
+        // SAFETY: F_GETFD only queries the descriptor table.
+        .filter(|&fd| unsafe { libc::fcntl(fd, libc::F_GETFD) } != -1)
+        .count()
 }
 
 fn read_num(path: &str) -> Option<u64> {
