@@ -35,4 +35,7 @@ pub use policy::{
     get_child_watcher, get_event_loop, get_event_loop_policy, new_event_loop, proactor_supported,
     set_child_watcher, set_event_loop, set_event_loop_policy,
 };
-pub use watcher::{ChildCallback, ChildWatcher, Pid, ReturnCode, ThreadedChildWatcher};
+pub use watcher::{
+    ChildCallback, ChildWatcher, FastChildWatcher, MultiLoopChildWatcher, Pid, PidfdChildWatcher,
+    ReturnCode, SafeChildWatcher, ThreadedChildWatcher,
+};

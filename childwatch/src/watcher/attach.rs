@@ -1,0 +1,205 @@
+//! The attached-loop SIGCHLD plumbing shared by `SafeChildWatcher` and
+//! `FastChildWatcher`.
+//!
+//! Both watchers learn of exits through a SIGCHLD handler installed with the
+//! attached loop's `add_signal_handler`, so the reaping runs on that loop's
+//! thread. What they share lives here: moving the handler from one loop to
+//! another, knowing whether they are active, and posting callbacks to the
+//! attached loop.
+//!
+//! An [`EventLoop`] is `!Send` and lives on its own thread, while a watcher is
+//! `Send + Sync`. The watcher therefore keeps only the loop's `LoopHandle`;
+//! the loop itself is remembered in a thread-local of the loop's thread, so
+//! that detaching from that thread removes the signal handler at once, and
+//! detaching from any other thread asks the loop (through
+//! `call_soon_threadsafe`) to remove it. Every installed handler carries a
+//! generation number and does nothing once it is stale, so a late removal is
+//! only tidiness, never a correctness question.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::ThreadId;
+
+use super::{ChildCallback, Pid, ReturnCode};
+use crate::event_loop::{EventLoop, LoopHandle};
+
+thread_local! {
+    /// Attachment id → (generation, loop) for loops living on this thread.
+    static LOOPS: RefCell<HashMap<u64, (u64, EventLoop)>> = RefCell::new(HashMap::new());
+}
+
+#[derive(Debug, Clone)]
+struct Attached {
+    handle: LoopHandle,
+    thread: ThreadId,
+    generation: u64,
+}
+
+/// Which loop a SIGCHLD-driven watcher is attached to.
+#[derive(Debug)]
+pub(super) struct Attachment {
+    id: u64,
+    generation: AtomicU64,
+    state: Mutex<Option<Attached>>,
+}
+
+impl Attachment {
+    pub(super) fn new() -> Attachment {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        Attachment {
+            id: NEXT.fetch_add(1, Ordering::Relaxed),
+            generation: AtomicU64::new(0),
+            state: Mutex::new(None),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Option<Attached>> {
+        // No user code runs under this lock; a poisoned one is still valid.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the SIGCHLD handler installed with `generation` is the
+    /// current one.
+    pub(super) fn is_current(&self, generation: u64) -> bool {
+        self.lock()
+            .as_ref()
+            .is_some_and(|a| a.generation == generation)
+    }
+
+    /// Attached to a loop that is not closed.
+    pub(super) fn is_active(&self) -> bool {
+        self.lock().as_ref().is_some_and(|a| !a.handle.is_closed())
+    }
+
+    /// The attached loop's handle.
+    pub(super) fn handle(&self) -> Option<LoopHandle> {
+        self.lock().as_ref().map(|a| a.handle.clone())
+    }
+
+    /// Attaches to `lp` (`None` detaches), installing the SIGCHLD handler
+    /// that `make(generation)` builds and removing the previous one. Returns
+    /// the new generation when a handler was installed.
+    pub(super) fn attach(
+        &self,
+        lp: Option<&EventLoop>,
+        make: impl FnOnce(u64) -> Box<dyn FnMut()>,
+    ) -> Option<u64> {
+        let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut st = self.lock();
+        let old = st.take();
+        let mut installed = None;
+        if let Some(lp) = lp {
+            if lp.is_closed() {
+                tracing::warn!("cannot attach a child watcher to a closed event loop");
+            } else {
+                let handler = make(generation);
+                match lp.add_signal_handler(libc::SIGCHLD, handler) {
+                    Ok(()) => {
+                        let id = self.id;
+                        let lp2 = lp.clone();
+                        let _ = LOOPS.try_with(|m| m.borrow_mut().insert(id, (generation, lp2)));
+                        *st = Some(Attached {
+                            handle: lp.handle(),
+                            thread: std::thread::current().id(),
+                            generation,
+                        });
+                        installed = Some(generation);
+                    }
+                    Err(e) => {
+                        tracing::warn!("cannot install the child watcher's SIGCHLD handler: {e}");
+                    }
+                }
+            }
+        }
+        let new_handle = st.as_ref().map(|a| a.handle.clone());
+        drop(st);
+        if let Some(old) = old {
+            let same = new_handle.is_some_and(|h| h.same_loop(&old.handle));
+            if !same {
+                self.release(old);
+            }
+        }
+        installed
+    }
+
+    /// Removes the SIGCHLD handler of a loop we no longer use.
+    fn release(&self, old: Attached) {
+        let id = self.id;
+        let generation = old.generation;
+        if old.thread == std::thread::current().id() {
+            release_here(id, generation);
+        } else if old.handle.is_closed() {
+            // A closed loop has dropped its signal handlers; the thread-local
+            // entry goes when that thread ends or attaches again.
+        } else {
+            let _ = old
+                .handle
+                .call_soon_threadsafe(move || release_here(id, generation));
+        }
+    }
+
+    /// Wraps `cb` so that, wherever the exit is observed, it runs on the loop
+    /// attached at that moment (through `call_soon_threadsafe`). It never
+    /// runs user code inline, so it may be called under the watcher's locks.
+    pub(super) fn post_to_loop(self: &Arc<Self>, cb: ChildCallback) -> ChildCallback {
+        let att = Arc::clone(self);
+        Box::new(move |pid: Pid, rc: ReturnCode| {
+            let Some(h) = att.handle() else {
+                tracing::warn!(
+                    "child {pid} exited while its watcher was detached; running its callback \
+                     on the reaping thread"
+                );
+                return cb(pid, rc);
+            };
+            let slot = Arc::new(Mutex::new(Some(cb)));
+            let s2 = Arc::clone(&slot);
+            let sent = h.call_soon_threadsafe(move || {
+                let cb = s2.lock().unwrap_or_else(|p| p.into_inner()).take();
+                if let Some(cb) = cb {
+                    cb(pid, rc);
+                }
+            });
+            if sent.is_err() {
+                tracing::warn!(
+                    "the watcher's event loop is closed; running the exit callback of pid {pid} \
+                     on the reaping thread"
+                );
+                let cb = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+                if let Some(cb) = cb {
+                    cb(pid, rc);
+                }
+            }
+        })
+    }
+}
+
+/// On the loop's own thread: forget the loop and remove its SIGCHLD handler
+/// if it is still the one installed with `generation`.
+fn release_here(id: u64, generation: u64) {
+    let lp = LOOPS
+        .try_with(|m| {
+            let mut m = m.borrow_mut();
+            match m.get(&id) {
+                Some((g, _)) if *g == generation => m.remove(&id).map(|(_, lp)| lp),
+                _ => None,
+            }
+        })
+        .ok()
+        .flatten();
+    if let Some(lp) = lp {
+        if !lp.is_closed() {
+            lp.remove_signal_handler(libc::SIGCHLD);
+        }
+    }
+}
+
+impl Drop for Attachment {
+    fn drop(&mut self) {
+        let old = self.lock().take();
+        if let Some(old) = old {
+            self.release(old);
+        }
+    }
+}

@@ -1,0 +1,236 @@
+//! `MultiLoopChildWatcher`: a process-wide SIGCHLD handler wakes one helper
+//! thread, which polls every registered child with `waitpid(pid, WNOHANG)`.
+//!
+//! How it learns of an exit: a SIGCHLD action registered with
+//! `signal-hook-registry` (chained with any other SIGCHLD handler of the
+//! process, and tied to no loop) writes to an eventfd; the helper thread
+//! blocked on that eventfd wakes and polls each registered pid. Each callback
+//! goes to the loop that was running when `add_child_handler` was called, or
+//! runs on the helper thread when none was.
+//!
+//! Cost: O(n) `waitpid` calls per SIGCHLD with n children registered
+//! (signals coalesce, so a burst of exits costs one sweep), one helper thread
+//! and one eventfd for the whole watcher, nothing per child. It reaps only
+//! its registered pids.
+//!
+//! When to choose it: children spawned from several loops on several threads
+//! (asyncio's `MultiLoopChildWatcher`), without pidfds, and without a thread
+//! per child; it needs no attached loop and is active from `new()` until
+//! `close()`.
+
+use std::fmt;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use rustix::event::{EventfdFlags, eventfd};
+use signal_hook_registry::SigId;
+
+use super::registry::{Added, Handler, Registry, Target};
+use super::status::{rpid, try_reap};
+use super::{ChildCallback, ChildWatcher, Pid, ReturnCode};
+use crate::event_loop::EventLoop;
+
+struct Inner {
+    registry: Registry,
+    /// Held across `waitpid` and taking the handler, so the helper's sweep
+    /// and the check after `add` never race (the loser would see ECHILD).
+    reap: Mutex<()>,
+    stop: AtomicBool,
+}
+
+impl Inner {
+    fn check(&self, pids: &[Pid]) {
+        let mut done: Vec<(Handler, Pid, ReturnCode)> = Vec::new();
+        {
+            let _g = self.reap.lock().unwrap_or_else(|p| p.into_inner());
+            for &pid in pids {
+                if !self.registry.contains(pid) {
+                    continue;
+                }
+                match try_reap(pid) {
+                    Ok(Some(rc)) => {
+                        if let Some(h) = self.registry.take(pid) {
+                            done.push((h, pid, rc));
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!("waitpid({pid}) failed: {e}"),
+                }
+            }
+        }
+        for (h, pid, rc) in done {
+            h.deliver(pid, rc);
+        }
+    }
+
+    /// The helper thread: sleep on the eventfd, sweep, repeat.
+    fn run(&self, wake: &OwnedFd) {
+        let mut buf = [0u8; 8];
+        loop {
+            match rustix::io::read(wake, &mut buf) {
+                Ok(_) => {}
+                Err(rustix::io::Errno::INTR) | Err(rustix::io::Errno::AGAIN) => {}
+                Err(e) => {
+                    tracing::error!("MultiLoopChildWatcher: reading its eventfd failed: {e}");
+                    // Keep watching rather than spin: sweep on a slow tick.
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+            }
+            if self.stop.load(Ordering::SeqCst) {
+                return;
+            }
+            let pids = self.registry.pids();
+            self.check(&pids);
+        }
+    }
+}
+
+fn wake(fd: &OwnedFd) {
+    // A full counter (EAGAIN) means a wake-up is pending anyway.
+    let _ = rustix::io::write(fd, &1u64.to_ne_bytes());
+}
+
+struct Running {
+    sig: SigId,
+    thread: JoinHandle<()>,
+    /// Written by the SIGCHLD action and by `close`; read by the helper.
+    /// The action and the helper hold the other references.
+    wake: Arc<OwnedFd>,
+}
+
+/// One helper thread polls the registered children on every SIGCHLD (O(n));
+/// callbacks go to the loop that registered them. See the [module docs](self).
+pub struct MultiLoopChildWatcher {
+    inner: Arc<Inner>,
+    running: Mutex<Option<Running>>,
+}
+
+impl fmt::Debug for MultiLoopChildWatcher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MultiLoopChildWatcher")
+            .field("registry", &self.inner.registry)
+            .field("active", &self.is_active())
+            .finish()
+    }
+}
+
+impl MultiLoopChildWatcher {
+    /// A new, active watcher: installs its SIGCHLD action and starts its
+    /// helper thread.
+    pub fn new() -> io::Result<MultiLoopChildWatcher> {
+        let fd = eventfd(0, EventfdFlags::CLOEXEC).map_err(|e| {
+            io::Error::new(
+                io::Error::from(e).kind(),
+                format!("cannot create the MultiLoopChildWatcher's eventfd: {e}"),
+            )
+        })?;
+        let inner = Arc::new(Inner {
+            registry: Registry::default(),
+            reap: Mutex::new(()),
+            stop: AtomicBool::new(false),
+        });
+        let wake_fd = Arc::new(fd);
+        let fd2 = Arc::clone(&wake_fd);
+        // SAFETY: the action only calls write(2) on an eventfd it keeps alive
+        // (async-signal-safe; no allocation, no lock).
+        let sig = unsafe { signal_hook_registry::register(libc::SIGCHLD, move || wake(&fd2)) }
+            .map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot install the MultiLoopChildWatcher's SIGCHLD handler: {e}"),
+                )
+            })?;
+        let i2 = Arc::clone(&inner);
+        let fd3 = Arc::clone(&wake_fd);
+        let thread = std::thread::Builder::new()
+            .name("childwatch-sigchld".into())
+            .stack_size(128 * 1024)
+            .spawn(move || i2.run(&fd3));
+        let thread = match thread {
+            Ok(t) => t,
+            Err(e) => {
+                signal_hook_registry::unregister(sig);
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("cannot start the MultiLoopChildWatcher's helper thread: {e}"),
+                ));
+            }
+        };
+        Ok(MultiLoopChildWatcher {
+            inner,
+            running: Mutex::new(Some(Running {
+                sig,
+                thread,
+                wake: wake_fd,
+            })),
+        })
+    }
+}
+
+impl ChildWatcher for MultiLoopChildWatcher {
+    fn add_child_handler(&self, pid: Pid, callback: ChildCallback) -> io::Result<()> {
+        rpid(pid)?;
+        if !self.is_active() {
+            return Err(io::Error::other(
+                "the MultiLoopChildWatcher is closed; set a new child watcher",
+            ));
+        }
+        if self.inner.registry.add(pid, callback, Target::current()) == Added::New {
+            // An exit before now may have raised its SIGCHLD before the pid
+            // was registered: look once.
+            self.inner.check(&[pid]);
+        }
+        Ok(())
+    }
+
+    fn remove_child_handler(&self, pid: Pid) -> bool {
+        self.inner.registry.remove(pid)
+    }
+
+    fn attach_loop(&self, _lp: Option<&EventLoop>) {}
+
+    fn is_active(&self) -> bool {
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
+    fn close(&self) {
+        let running = self
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let Some(Running {
+            sig,
+            thread,
+            wake: fd,
+        }) = running
+        else {
+            return;
+        };
+        // After unregister returns no handler runs the action any more, and
+        // the action's copy of the eventfd is dropped.
+        signal_hook_registry::unregister(sig);
+        self.inner.stop.store(true, Ordering::SeqCst);
+        wake(&fd);
+        if thread.thread().id() != std::thread::current().id() {
+            let _ = thread.join();
+        }
+        // The last reference: the eventfd closes here (unless close() was
+        // called from a callback on the helper thread itself, which then
+        // ends and drops it right after).
+        drop(fd);
+        self.inner.registry.clear();
+    }
+}
+
+impl Drop for MultiLoopChildWatcher {
+    fn drop(&mut self) {
+        self.close();
+    }
+}

@@ -1,0 +1,492 @@
+//! `PidfdChildWatcher`: a pidfd per child, polled on the running loop.
+//!
+//! How it learns of an exit: `pidfd_open(pid)` gives a descriptor that
+//! becomes readable when the child exits; a task on the loop that was
+//! running at `add_child_handler` waits for that readiness (an io_uring
+//! `POLL_ADD` on the proactor, a one-shot epoll registration on the
+//! selector), then reaps with `waitid(P_PIDFD, WEXITED | WNOHANG)`.
+//!
+//! Cost: O(1) per exit (a pidfd has its own wait queue, so nothing scans the
+//! other children), no thread, one descriptor per live child. It reaps only
+//! its own children and is active from `new()` until `close()`, with no
+//! attached loop needed. Needs Linux 5.4 ([`is_supported`] probes once).
+//!
+//! Fallbacks, so a child is never left unwatched: with no running loop at
+//! `add_child_handler`, when `pidfd_open` fails (EMFILE/ENFILE: out of
+//! descriptors), or when the loop holding the wait closes first, the child
+//! is waited for by a waiter thread (the `ThreadedChildWatcher` mechanism).
+//!
+//! `remove_child_handler` cancels that child's wait and closes its pidfd.
+//! `close()` stops delivering at once and cancels every wait: each task
+//! drops its pidfd on its loop's thread the next time that loop runs (at
+//! once if it is running; a loop that closes drops them too). Children still
+//! running at `close()` are *not* reaped by this watcher afterwards, so
+//! another watcher can take them over and get their real status (asyncio's
+//! watchers also stop at `close`); children handed to a waiter thread are
+//! still reaped by it, without a callback.
+//!
+//! When to choose it: the default where io_uring's WAITID is missing; any
+//! number of loops and threads, many children, O(1) per exit.
+//!
+//! [`is_supported`]: PidfdChildWatcher::is_supported
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::{Future, poll_fn};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::pin::pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::task::{Poll, Waker};
+use std::time::Duration;
+
+use rustix::process::{PidfdFlags, WaitId, WaitIdOptions, pidfd_open, waitid};
+
+use super::registry::{Added, Registry, Target};
+use super::status::{from_waitid, lost, rpid};
+use super::threaded::spawn_waiter;
+use super::{ChildCallback, ChildWatcher, Pid};
+use crate::event_loop::{EventLoop, get_running_loop, sleep};
+
+/// Cancellation of one child's wait, from any thread.
+#[derive(Debug, Default)]
+struct Cancel {
+    flag: AtomicBool,
+    waker: Mutex<Option<Waker>>,
+}
+
+impl Cancel {
+    fn is_set(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+
+    fn cancel(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        let w = self.waker.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(w) = w {
+            w.wake();
+        }
+    }
+
+    fn register(&self, waker: &Waker) {
+        let mut slot = self.waker.lock().unwrap_or_else(|p| p.into_inner());
+        match slot.as_ref() {
+            Some(w) if w.will_wake(waker) => {}
+            _ => *slot = Some(waker.clone()),
+        }
+    }
+}
+
+/// How a registered child is being waited for.
+#[derive(Debug)]
+enum Watch {
+    /// A task on a loop polls its pidfd.
+    Task {
+        generation: u64,
+        cancel: Arc<Cancel>,
+    },
+    /// A waiter thread blocks in `waitpid`; it cannot be cancelled.
+    Thread,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    watches: HashMap<Pid, Watch>,
+    closed: bool,
+    next_generation: u64,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    registry: Registry,
+    /// Guards `watches` and is held across each reap and the handler
+    /// taken after it, so two waits for one pid never race.
+    state: Mutex<State>,
+}
+
+/// What one look at a pidfd found.
+enum Look {
+    /// Reaped (or lost, or cancelled): the wait is over.
+    Done,
+    /// Still running (spurious readiness, or only stopped/continued).
+    Running,
+    /// waitid failed unexpectedly: hand the child to a thread.
+    Failed,
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // User code never runs under this lock.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `waitid(P_PIDFD, WEXITED | WNOHANG)` on the child's pidfd; on an exit
+    /// (or a lost status) delivers to whatever handler `pid` has now.
+    fn look(&self, pid: Pid, generation: u64, cancel: &Cancel, fd: &OwnedFd) -> Look {
+        let mut st = self.lock();
+        if cancel.is_set() {
+            return Look::Done;
+        }
+        let rc = loop {
+            match waitid(
+                WaitId::PidFd(fd.as_fd()),
+                WaitIdOptions::EXITED | WaitIdOptions::NOHANG,
+            ) {
+                Ok(None) => return Look::Running,
+                Ok(Some(status)) => match from_waitid(&status) {
+                    Some(rc) => break rc,
+                    None => return Look::Running,
+                },
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(rustix::io::Errno::CHILD) => break lost(pid),
+                Err(e) => {
+                    tracing::warn!("waitid(P_PIDFD) for pid {pid} failed: {e}");
+                    return Look::Failed;
+                }
+            }
+        };
+        if matches!(st.watches.get(&pid), Some(Watch::Task { generation: g, .. }) if *g == generation)
+        {
+            st.watches.remove(&pid);
+        }
+        let handler = self.registry.take(pid);
+        drop(st);
+        if let Some(h) = handler {
+            h.deliver(pid, rc);
+        }
+        Look::Done
+    }
+
+    /// Waits for `pid` on a thread instead (replacing the task `generation`
+    /// if given, which must still be current).
+    fn to_thread(self: &Arc<Self>, pid: Pid, replacing: Option<u64>) -> io::Result<()> {
+        let mut st = self.lock();
+        match (st.watches.get(&pid), replacing) {
+            (Some(Watch::Thread), _) => return Ok(()),
+            (Some(Watch::Task { generation, .. }), Some(g)) if *generation == g => {}
+            (Some(Watch::Task { .. }), _) => return Ok(()),
+            (None, Some(_)) => return Ok(()),
+            (None, None) => {}
+        }
+        if st.closed && replacing.is_some() {
+            st.watches.remove(&pid);
+            return Ok(());
+        }
+        st.watches.insert(pid, Watch::Thread);
+        drop(st);
+        let inner = Arc::clone(self);
+        let started = spawn_waiter(
+            pid,
+            Box::new(move |rc| {
+                let mut st = inner.lock();
+                if matches!(st.watches.get(&pid), Some(Watch::Thread)) {
+                    st.watches.remove(&pid);
+                }
+                let handler = inner.registry.take(pid);
+                drop(st);
+                if let Some(h) = handler {
+                    h.deliver(pid, rc);
+                }
+            }),
+        );
+        if started.is_err() {
+            self.lock().watches.remove(&pid);
+        }
+        started
+    }
+
+    /// Delivers the lost status of `pid` (255, with a warning).
+    fn deliver_lost(&self, pid: Pid) {
+        let handler = {
+            let _st = self.lock();
+            self.registry.take(pid)
+        };
+        if let Some(h) = handler {
+            h.deliver(pid, lost(pid));
+        }
+    }
+
+    /// Starts watching `pid` through `fd` on `lp`.
+    fn start_task(self: &Arc<Self>, lp: &EventLoop, pid: Pid, fd: OwnedFd) {
+        let cancel = Arc::new(Cancel::default());
+        let generation = {
+            let mut st = self.lock();
+            st.next_generation += 1;
+            let generation = st.next_generation;
+            st.watches.insert(
+                pid,
+                Watch::Task {
+                    generation,
+                    cancel: Arc::clone(&cancel),
+                },
+            );
+            generation
+        };
+        // The child may have exited already, or not be our child at all.
+        match self.look(pid, generation, &cancel, &fd) {
+            Look::Done => return,
+            Look::Running => {}
+            Look::Failed => {
+                if let Err(e) = self.to_thread(pid, Some(generation)) {
+                    tracing::error!("cannot watch pid {pid}: {e}");
+                    self.deliver_lost(pid);
+                }
+                return;
+            }
+        }
+        let guard = TaskGuard {
+            inner: Arc::clone(self),
+            pid,
+            generation,
+            cancel,
+            finished: false,
+        };
+        lp.create_task(watch_pidfd(guard, fd)).detach();
+    }
+}
+
+/// Lives inside a child's task: if the task is dropped without finishing
+/// and without being cancelled (its loop closed), the child moves to a
+/// waiter thread, so its exit is still reported.
+struct TaskGuard {
+    inner: Arc<Inner>,
+    pid: Pid,
+    generation: u64,
+    cancel: Arc<Cancel>,
+    finished: bool,
+}
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        if self.finished || self.cancel.is_set() {
+            return;
+        }
+        tracing::warn!(
+            "the event loop watching pid {} went away; a waiter thread takes over",
+            self.pid
+        );
+        if let Err(e) = self.inner.to_thread(self.pid, Some(self.generation)) {
+            tracing::error!("cannot keep watching pid {}: {e}", self.pid);
+            self.inner.deliver_lost(self.pid);
+        }
+    }
+}
+
+/// The task: wait for readiness (or cancellation), then look.
+async fn watch_pidfd(mut guard: TaskGuard, fd: OwnedFd) {
+    let Some(lp) = get_running_loop() else {
+        return; // A task only runs on its loop; dropping the guard falls back.
+    };
+    loop {
+        let ready = {
+            let cancel = Arc::clone(&guard.cancel);
+            let mut wait = pin!(lp.wait_readable(fd.as_raw_fd()));
+            poll_fn(|cx| {
+                if cancel.is_set() {
+                    return Poll::Ready(None);
+                }
+                cancel.register(cx.waker());
+                if cancel.is_set() {
+                    return Poll::Ready(None);
+                }
+                wait.as_mut().poll(cx).map(Some)
+            })
+            .await
+        };
+        match ready {
+            None => {
+                guard.finished = true;
+                return;
+            }
+            Some(Err(e)) => {
+                tracing::warn!("waiting on the pidfd of pid {} failed: {e}", guard.pid);
+                guard.finished = true;
+                if let Err(e) = guard.inner.to_thread(guard.pid, Some(guard.generation)) {
+                    tracing::error!("cannot keep watching pid {}: {e}", guard.pid);
+                    guard.inner.deliver_lost(guard.pid);
+                }
+                return;
+            }
+            Some(Ok(())) => {}
+        }
+        match guard
+            .inner
+            .look(guard.pid, guard.generation, &guard.cancel, &fd)
+        {
+            Look::Done => {
+                guard.finished = true;
+                return;
+            }
+            // Readable but not yet waitable: let the exit complete.
+            Look::Running => sleep(Duration::from_millis(1)).await,
+            Look::Failed => {
+                guard.finished = true;
+                if let Err(e) = guard.inner.to_thread(guard.pid, Some(guard.generation)) {
+                    tracing::error!("cannot keep watching pid {}: {e}", guard.pid);
+                    guard.inner.deliver_lost(guard.pid);
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// Watches each child through a pidfd on the loop running at registration
+/// (O(1) per exit, one descriptor per live child). See the [module docs](self).
+pub struct PidfdChildWatcher {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for PidfdChildWatcher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let st = self.inner.lock();
+        f.debug_struct("PidfdChildWatcher")
+            .field("registry", &self.inner.registry)
+            .field("watches", &st.watches.len())
+            .field("closed", &st.closed)
+            .finish()
+    }
+}
+
+impl PidfdChildWatcher {
+    /// A new, active watcher; `Unsupported` where the kernel lacks pidfds
+    /// (`pidfd_open` and `waitid(P_PIDFD)`, Linux 5.4).
+    pub fn new() -> io::Result<PidfdChildWatcher> {
+        if !PidfdChildWatcher::is_supported() {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "this kernel has no usable pidfds (pidfd_open and waitid(P_PIDFD) need Linux \
+                 5.4+); use ThreadedChildWatcher",
+            ));
+        }
+        Ok(PidfdChildWatcher {
+            inner: Arc::new(Inner::default()),
+        })
+    }
+
+    /// Whether `pidfd_open` and `waitid(P_PIDFD)` work here (probed once per
+    /// process, like CPython's `can_use_pidfd`).
+    pub fn is_supported() -> bool {
+        static PROBE: OnceLock<bool> = OnceLock::new();
+        *PROBE.get_or_init(|| {
+            let me = rustix::process::getpid();
+            let fd = match pidfd_open(me, PidfdFlags::empty()) {
+                Ok(fd) => fd,
+                Err(e) => {
+                    tracing::info!("pidfd_open is unavailable: {e}");
+                    return false;
+                }
+            };
+            // We are not our own child: a kernel that knows P_PIDFD says
+            // ECHILD, an older one EINVAL.
+            match waitid(
+                WaitId::PidFd(fd.as_fd()),
+                WaitIdOptions::EXITED | WaitIdOptions::NOHANG,
+            ) {
+                Err(rustix::io::Errno::CHILD) | Ok(_) => true,
+                Err(e) => {
+                    tracing::info!("waitid(P_PIDFD) is unavailable: {e}");
+                    false
+                }
+            }
+        })
+    }
+
+    /// Number of children currently watched through a pidfd (each holding
+    /// one descriptor) or a waiter thread.
+    pub fn watched(&self) -> usize {
+        self.inner.lock().watches.len()
+    }
+}
+
+impl ChildWatcher for PidfdChildWatcher {
+    fn add_child_handler(&self, pid: Pid, callback: ChildCallback) -> io::Result<()> {
+        let rp = rpid(pid)?;
+        if self.inner.lock().closed {
+            return Err(io::Error::other(
+                "the PidfdChildWatcher is closed; set a new child watcher",
+            ));
+        }
+        if self.inner.registry.add(pid, callback, Target::current()) != Added::New {
+            return Ok(());
+        }
+        if self.inner.lock().watches.contains_key(&pid) {
+            // A waiter thread from an earlier registration still waits.
+            return Ok(());
+        }
+        let Some(lp) = get_running_loop() else {
+            return self.register_failed(pid, self.inner.to_thread(pid, None));
+        };
+        match pidfd_open(rp, PidfdFlags::empty()) {
+            Ok(fd) => {
+                self.inner.start_task(&lp, pid, fd);
+                Ok(())
+            }
+            Err(rustix::io::Errno::SRCH) => {
+                // No such process: it was reaped by someone else.
+                self.inner.deliver_lost(pid);
+                Ok(())
+            }
+            Err(e) => {
+                if !matches!(e, rustix::io::Errno::MFILE | rustix::io::Errno::NFILE) {
+                    tracing::warn!("pidfd_open({pid}) failed: {e}; using a waiter thread");
+                }
+                self.register_failed(pid, self.inner.to_thread(pid, None))
+            }
+        }
+    }
+
+    fn remove_child_handler(&self, pid: Pid) -> bool {
+        let mut st = self.inner.lock();
+        let removed = self.inner.registry.remove(pid);
+        if let Some(Watch::Task { .. }) = st.watches.get(&pid) {
+            if let Some(Watch::Task { cancel, .. }) = st.watches.remove(&pid) {
+                drop(st);
+                cancel.cancel();
+            }
+        }
+        removed
+    }
+
+    fn attach_loop(&self, _lp: Option<&EventLoop>) {}
+
+    fn is_active(&self) -> bool {
+        !self.inner.lock().closed
+    }
+
+    fn close(&self) {
+        let cancels: Vec<Arc<Cancel>> = {
+            let mut st = self.inner.lock();
+            st.closed = true;
+            let mut cancels = Vec::new();
+            st.watches.retain(|_, w| match w {
+                Watch::Task { cancel, .. } => {
+                    cancels.push(Arc::clone(cancel));
+                    false
+                }
+                Watch::Thread => true,
+            });
+            cancels
+        };
+        for c in cancels {
+            c.cancel();
+        }
+        self.inner.registry.clear();
+    }
+}
+
+impl PidfdChildWatcher {
+    fn register_failed(&self, pid: Pid, r: io::Result<()>) -> io::Result<()> {
+        if r.is_err() {
+            self.inner.registry.remove(pid);
+        }
+        r
+    }
+}
+
+impl Drop for PidfdChildWatcher {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
