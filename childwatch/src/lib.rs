@@ -25,6 +25,8 @@
 
 pub mod event_loop;
 pub mod policy;
+#[cfg(target_os = "linux")]
+pub mod subprocess;
 pub mod watcher;
 
 pub use event_loop::{
@@ -34,6 +36,11 @@ pub use policy::{
     DefaultEventLoopPolicy, EventLoopPolicy, ProactorEventLoopPolicy, SelectorEventLoopPolicy,
     get_child_watcher, get_event_loop, get_event_loop_policy, new_event_loop, proactor_supported,
     set_child_watcher, set_event_loop, set_event_loop_policy,
+};
+#[cfg(target_os = "linux")]
+pub use subprocess::{
+    ChildStderr, ChildStdin, ChildStdout, Command, Process, Stdio, create_subprocess_exec,
+    create_subprocess_shell,
 };
 pub use watcher::{
     ChildCallback, ChildWatcher, FastChildWatcher, MultiLoopChildWatcher, Pid, PidfdChildWatcher,
