@@ -59,7 +59,11 @@ fn main() -> ExitCode {
         // The command words swallow everything after the first one; a first
         // word that looks like an option and is not after `--` is a typo.
         if let Some(first) = a.command.first() {
-            if first.starts_with('-') && !std::env::args().any(|w| w == "--") {
+            let raw: Vec<String> = std::env::args().collect();
+            let dashes = raw.iter().position(|w| w == "--");
+            let at = raw.iter().position(|w| w == first);
+            let after_dashes = matches!((dashes, at), (Some(d), Some(a)) if d < a);
+            if first.starts_with('-') && !after_dashes {
                 Cli::command()
                     .error(
                         clap::error::ErrorKind::UnknownArgument,

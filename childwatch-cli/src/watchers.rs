@@ -89,39 +89,28 @@ pub fn proactor_ok() -> bool {
 
 /// Whether `pidfd_open` works here.
 pub fn pidfd_ok() -> bool {
-    // Replaced by PidfdChildWatcher::is_supported() once the watchers land.
-    if disabled("pidfd") {
-        return false;
-    }
-    // SAFETY: pidfd_open(getpid(), 0) only returns a new descriptor, which we
-    // close at once; it has no other effect.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0) };
-    if fd < 0 {
-        return false;
-    }
-    // SAFETY: `fd` was just returned to us and is closed exactly once.
-    unsafe { libc::close(fd as i32) };
-    true
+    !disabled("pidfd") && childwatch::PidfdChildWatcher::is_supported()
 }
 
 /// Whether the io_uring watcher (WAITID, Linux 6.7+) works here.
 pub fn uring_ok() -> bool {
-    // Replaced by UringChildWatcher::is_supported() once the uring watcher lands.
+    // TODO(uring): `!disabled("uring") && childwatch::UringChildWatcher::is_supported()` once main has it.
     false
 }
 
 /// What this build and kernel say about one watcher: `Ok` if usable, else why not.
 pub fn watcher_support(name: WatcherName) -> std::result::Result<(), String> {
     match name {
-        WatcherName::Threaded | WatcherName::Auto => Ok(()),
-        WatcherName::Safe | WatcherName::Fast | WatcherName::MultiLoop => {
-            Err("not available in this build yet".into())
-        }
+        WatcherName::Threaded
+        | WatcherName::Safe
+        | WatcherName::Fast
+        | WatcherName::MultiLoop
+        | WatcherName::Auto => Ok(()),
         WatcherName::Pidfd => {
-            if !pidfd_ok() {
-                Err("this kernel lacks pidfd_open (Linux 5.3+)".into())
+            if pidfd_ok() {
+                Ok(())
             } else {
-                Err("not available in this build yet".into())
+                Err("this kernel lacks pidfd_open (Linux 5.3+)".into())
             }
         }
         WatcherName::Uring => {
@@ -160,15 +149,20 @@ pub fn make_watcher(name: WatcherName) -> Result<Arc<dyn ChildWatcher>> {
     if let Err(why) = watcher_support(name) {
         bail!("the {name} watcher cannot be used: {why}; try --watcher threaded");
     }
-    let w: Arc<dyn ChildWatcher> = match name {
+    let made: std::io::Result<Arc<dyn ChildWatcher>> = match name {
         WatcherName::Threaded | WatcherName::Auto => {
-            Arc::new(childwatch::ThreadedChildWatcher::new()?)
+            childwatch::ThreadedChildWatcher::new().map(|w| Arc::new(w) as _)
         }
-        // UringChildWatcher: constructed here once main has it (one line).
+        WatcherName::Safe => childwatch::SafeChildWatcher::new().map(|w| Arc::new(w) as _),
+        WatcherName::Fast => childwatch::FastChildWatcher::new().map(|w| Arc::new(w) as _),
+        WatcherName::MultiLoop => {
+            childwatch::MultiLoopChildWatcher::new().map(|w| Arc::new(w) as _)
+        }
+        WatcherName::Pidfd => childwatch::PidfdChildWatcher::new().map(|w| Arc::new(w) as _),
+        // TODO(uring): `childwatch::UringChildWatcher::new().map(|w| Arc::new(w) as _)` once main has it.
         WatcherName::Uring => bail!("the uring watcher is not available in this build yet"),
-        other => bail!("the {other} watcher is not available in this build yet"),
     };
-    Ok(w)
+    made.map_err(|e| anyhow::anyhow!("cannot create the {name} watcher: {e}"))
 }
 
 /// Picks the loop kind, or says why it cannot be had.

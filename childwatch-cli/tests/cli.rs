@@ -539,3 +539,46 @@ fn bench_rejects_unknown_runner() {
         .unwrap();
     assert_one_line_error(&o, 255, "unknown runner");
 }
+
+#[test]
+fn every_supported_watcher_runs_jobs_on_both_loops() {
+    let list = text(&bin().arg("watchers").output().unwrap().stdout);
+    let supported: Vec<&str> = list
+        .lines()
+        .filter(|l| {
+            l.contains(" supported") && !l.contains("(") && !l.contains("default policy loop")
+        })
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert!(supported.contains(&"threaded"), "{list}");
+    let loops: Vec<&str> = if list.contains("proactor   supported") {
+        vec!["proactor", "selector"]
+    } else {
+        vec!["selector"]
+    };
+    for w in &supported {
+        for l in &loops {
+            let o = run(&[
+                "-k",
+                "-j",
+                "3",
+                "--watcher",
+                w,
+                "--loop",
+                l,
+                "--",
+                "sh",
+                "-c",
+                "echo {}; exit {}",
+                ":::",
+                "0",
+                "1",
+                "0",
+                "2",
+                "0",
+            ]);
+            assert_eq!(o.status.code(), Some(2), "{w}/{l}: {}", text(&o.stderr));
+            assert_eq!(text(&o.stdout), "0\n1\n0\n2\n0\n", "{w}/{l}");
+        }
+    }
+}
