@@ -86,6 +86,13 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
     }
 }
 
+/// A job in flight: its process and how many of its output pipes are still
+/// open (someone in its process group may hold them after it exited).
+struct Running {
+    process: Process,
+    open_pipes: Cell<u8>,
+}
+
 /// Why no new jobs start.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Stop {
@@ -118,7 +125,7 @@ struct State {
     next: Cell<usize>,
     stop: Cell<Option<Stop>>,
     signals_seen: Cell<u32>,
-    running: RefCell<HashMap<usize, Rc<Process>>>,
+    running: RefCell<HashMap<usize, Rc<Running>>>,
     pending_output: RefCell<BTreeMap<usize, Outcome>>,
     next_to_print: Cell<usize>,
     counts: RefCell<Counts>,
@@ -235,7 +242,7 @@ fn on_signal(st: &State, sig: i32) {
     if st.stop.get().is_none() || matches!(st.stop.get(), Some(Stop::Halt)) {
         st.stop.set(Some(Stop::Signal(sig)));
     }
-    let running: Vec<Rc<Process>> = st.running.borrow().values().cloned().collect();
+    let running: Vec<Rc<Running>> = st.running.borrow().values().cloned().collect();
     let fwd = if n == 1 { sig } else { libc::SIGKILL };
     let msg = if n == 1 {
         format!(
@@ -251,13 +258,22 @@ fn on_signal(st: &State, sig: i32) {
     }
 }
 
-/// Signals the job's process group (it leads its own group). A reaped
-/// leader's pid cannot be reused while its group still has members, so the
-/// group signal never reaches an unrelated process.
-fn signal_job(p: &Process, sig: i32) {
-    let _ = p.send_signal(sig);
-    // SAFETY: killpg takes plain integers and has no memory effects.
-    unsafe { libc::killpg(p.pid() as libc::pid_t, sig) };
+/// Signals the job and its process group (it leads its own group).
+///
+/// The group is signalled only while its pgid cannot belong to anyone else:
+/// while the leader is unreaped (its pid is taken), or while its output
+/// pipes are still open after it exited, which means other members of the
+/// group are alive (and a pid stays reserved while it names a live group).
+fn signal_job(r: &Running, sig: i32) {
+    let p = &r.process;
+    let leader_alive = p.returncode().is_none();
+    if leader_alive {
+        let _ = p.send_signal(sig);
+    }
+    if leader_alive || r.open_pipes.get() > 0 {
+        // SAFETY: killpg takes plain integers and has no memory effects.
+        unsafe { libc::killpg(p.pid() as libc::pid_t, sig) };
+    }
 }
 
 /// Prints a message of ours on stderr without breaking the progress bar.
@@ -317,7 +333,10 @@ async fn run_one(st: &Rc<State>, lp: &EventLoop, i: usize) -> Outcome {
     };
     let out_pipe = p.stdout.take();
     let err_pipe = p.stderr.take();
-    let p = Rc::new(p);
+    let p = Rc::new(Running {
+        process: p,
+        open_pipes: Cell::new(2),
+    });
     st.running.borrow_mut().insert(i, Rc::clone(&p));
     // A signal sent by a Ctrl-C while the job runs counts as "killed by us".
     let signals_before = st.signals_seen.get();
@@ -341,8 +360,8 @@ async fn run_one(st: &Rc<State>, lp: &EventLoop, i: usize) -> Outcome {
         timers.borrow_mut().push(h);
     }
     let (stdout, (stderr, rc)) = futures_lite::future::zip(
-        proc_api::read_all(out_pipe),
-        futures_lite::future::zip(proc_api::read_all(err_pipe), p.wait()),
+        read_counted(out_pipe, &p),
+        futures_lite::future::zip(read_counted(err_pipe, &p), p.process.wait()),
     )
     .await;
     for h in timers.borrow_mut().drain(..) {
@@ -357,7 +376,7 @@ async fn run_one(st: &Rc<State>, lp: &EventLoop, i: usize) -> Outcome {
     });
     let rc = rc.unwrap_or_else(|e| {
         stderr.extend_from_slice(
-            format!("childwatch: waiting for pid {}: {e}\n", p.pid()).as_bytes(),
+            format!("childwatch: waiting for pid {}: {e}\n", p.process.pid()).as_bytes(),
         );
         255
     });
@@ -381,6 +400,16 @@ async fn run_one(st: &Rc<State>, lp: &EventLoop, i: usize) -> Outcome {
         killed: rc < 0 && (timed_out.get() || st.signals_seen.get() > signals_before),
         timed_out: timed_out.get(),
     }
+}
+
+/// Reads a pipe to its end, then counts it as closed.
+async fn read_counted<R: futures_lite::AsyncRead + Unpin>(
+    pipe: Option<R>,
+    job: &Running,
+) -> std::io::Result<Vec<u8>> {
+    let r = proc_api::read_all(pipe).await;
+    job.open_pipes.set(job.open_pipes.get().saturating_sub(1));
+    r
 }
 
 fn finish(st: &State, i: usize, o: Outcome) {
