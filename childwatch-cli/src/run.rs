@@ -338,6 +338,7 @@ async fn run_one(st: &Rc<State>, lp: &EventLoop, i: usize) -> Outcome {
         open_pipes: Cell::new(2),
     });
     st.running.borrow_mut().insert(i, Rc::clone(&p));
+    show_progress(st);
     // A signal sent by a Ctrl-C while the job runs counts as "killed by us".
     let signals_before = st.signals_seen.get();
     let timed_out = Rc::new(Cell::new(false));
@@ -399,6 +400,17 @@ async fn run_one(st: &Rc<State>, lp: &EventLoop, i: usize) -> Outcome {
         stderr,
         killed: rc < 0 && (timed_out.get() || st.signals_seen.get() > signals_before),
         timed_out: timed_out.get(),
+    }
+}
+
+/// Updates the progress bar's message (failed and running jobs).
+fn show_progress(st: &State) {
+    if let Some(pb) = &st.progress {
+        let failed = st.counts.borrow().failed;
+        pb.set_message(format!(
+            "{failed} failed, {} running",
+            st.running.borrow().len()
+        ));
     }
 }
 

@@ -328,12 +328,12 @@ pub fn command(args: BenchArgs) -> Result<i32> {
         }
     } else {
         Sizes {
-            throughput: 1000,
+            throughput: 800,
             inflight: 64,
-            mixed: 500,
+            mixed: 400,
             scale: 2000,
-            latency_samples: 50,
-            latency_others: 500,
+            latency_samples: 40,
+            latency_others: 400,
         }
     };
     if let Some(n) = args.n {
@@ -494,6 +494,24 @@ pub fn command(args: BenchArgs) -> Result<i32> {
             tick();
         }
         rows.push(row);
+    }
+    // The baseline once more at the end, keeping its better figure, so that
+    // a busy moment at the start does not flatter everyone else's ratio.
+    if has(Scenario::Throughput) {
+        step("raw baseline again".into());
+        if let Ok(mut r) = make_runner(Who::Raw, &programs) {
+            if let (Ok(t), Some(row)) = (
+                best_batch(&mut *r, sizes.throughput, sizes.inflight),
+                rows.iter_mut().find(|r| r.runner == Who::Raw.label()),
+            ) {
+                if let Some(tp) = row.throughput.as_mut() {
+                    if t.as_secs_f64() < tp.secs {
+                        tp.secs = t.as_secs_f64();
+                        tp.per_sec = sizes.throughput as f64 / tp.secs;
+                    }
+                }
+            }
+        }
     }
     if let Some(pb) = &progress {
         pb.finish_and_clear();
@@ -791,7 +809,7 @@ fn print_tables(rep: &Report, sz: &Sizes) {
     };
     if rep.scenarios.contains(&Scenario::Throughput) {
         println!(
-            "\nthroughput: {} × /bin/true, {} in flight, best of {BATCHES} batches (vs raw: higher is faster)",
+            "\nthroughput: {} × /bin/true, {} in flight, best of {BATCHES} batches (raw: best of a run at the start and one at the end; vs raw: higher is faster)",
             sz.throughput, sz.inflight
         );
         println!(
