@@ -144,17 +144,24 @@ pub fn command(args: RunArgs) -> Result<i32> {
     let jobs = jobs::expand(&args.command, std::io::stdin().lock())?;
     let kind = watchers::loop_kind(args.loop_kind)?;
     let joblog = args.joblog.as_deref().map(JobLog::create).transpose()?;
-    let width = args.jobs.unwrap_or_else(|| {
+    let mut width = args.jobs.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1)
     });
+    let fd_cap = max_width_for_descriptors();
+    if width > fd_cap {
+        eprintln!(
+            "childwatch: -j {width} needs more descriptors than RLIMIT_NOFILE allows; running {fd_cap} at once (raise it with ulimit -n)"
+        );
+        width = fd_cap;
+    }
     let (lp, watcher) = watchers::setup(kind, args.watcher)?;
     let progress = std::io::stderr().is_terminal().then(|| {
         let pb = ProgressBar::new(jobs.len() as u64);
-        if let Ok(style) =
-            ProgressStyle::with_template("{bar:40.cyan/blue} {pos}/{len} jobs {msg} [{elapsed}]")
-        {
+        if let Ok(style) = ProgressStyle::with_template(
+            "[{elapsed}] {bar:30.cyan/blue} {pos}/{len} jobs, {wide_msg}",
+        ) {
             pb.set_style(style);
         }
         pb
@@ -207,6 +214,25 @@ pub fn command(args: RunArgs) -> Result<i32> {
         Some(Stop::Signal(sig)) => 128 + sig,
         _ => counts.failed.min(101) as i32,
     })
+}
+
+/// Descriptors a running job holds in this process: two pipe read ends, a
+/// pidfd for the process and up to one for the watcher, plus the pipe ends
+/// that exist for a moment while it is spawned.
+const FDS_PER_JOB: u64 = 6;
+
+/// How many jobs the descriptor limit lets run at once.
+fn max_width_for_descriptors() -> usize {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `r` is a valid, writable rlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return usize::MAX;
+    }
+    let spare = r.rlim_cur.saturating_sub(64);
+    (spare / FDS_PER_JOB).clamp(1, usize::MAX as u64) as usize
 }
 
 fn run_all(lp: &EventLoop, st: &Rc<State>, width: usize) -> Result<()> {

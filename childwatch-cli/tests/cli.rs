@@ -582,3 +582,23 @@ fn every_supported_watcher_runs_jobs_on_both_loops() {
         }
     }
 }
+
+#[test]
+fn a_low_descriptor_limit_caps_parallelism_instead_of_failing_jobs() {
+    let o = Command::new("/bin/sh")
+        .args([
+            "-c",
+            "ulimit -n 128 && exec \"$0\" run -j 500 -- sh -c 'sleep 0.05; echo {}' ::: $(seq 1 200)",
+            env!("CARGO_BIN_EXE_childwatch"),
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    assert_eq!(text(&o.stdout).lines().count(), 200);
+    assert!(
+        text(&o.stderr).contains("RLIMIT_NOFILE"),
+        "{}",
+        text(&o.stderr)
+    );
+}

@@ -432,7 +432,7 @@ pub fn command(args: BenchArgs) -> Result<i32> {
     let progress = std::io::stderr().is_terminal().then(|| {
         let pb = ProgressBar::new(steps as u64);
         if let Ok(style) =
-            ProgressStyle::with_template("{bar:40.cyan/blue} {pos}/{len} {msg} [{elapsed}]")
+            ProgressStyle::with_template("[{elapsed}] {bar:30.cyan/blue} {pos}/{len} {wide_msg}")
         {
             pb.set_style(style);
         }
@@ -472,7 +472,7 @@ pub fn command(args: BenchArgs) -> Result<i32> {
         if who != Who::RawPidfd
             && (has(Scenario::Throughput) || has(Scenario::Mixed) || has(Scenario::Latency))
         {
-            step(format!("{}: throughput, mixed, latency", who.label()));
+            step(who.label());
             match make_runner(who, &programs) {
                 Ok(mut r) => {
                     measure(&mut *r, &mut row, &sizes, &scenarios, &tick);

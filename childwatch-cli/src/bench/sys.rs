@@ -158,7 +158,7 @@ pub struct Program {
 }
 
 impl Program {
-    /// The first of `candidates` that exists, with `args` (argv[0] included).
+    /// The first of `candidates` that exists, with `args` (`argv[0]` included).
     pub fn find(candidates: &[&str], args: &[&str]) -> Result<Program> {
         let Some(path) = candidates.iter().find(|p| Path::new(p).exists()) else {
             bail!("none of {candidates:?} exists; the benchmark needs it");
@@ -177,7 +177,7 @@ impl Program {
         self.path.to_str().unwrap_or_default()
     }
 
-    /// The arguments after argv[0].
+    /// The arguments after `argv[0]`.
     pub fn rest(&self) -> Vec<&str> {
         self.args[1..]
             .iter()
