@@ -529,6 +529,7 @@ fn bench_json_parses() {
         .unwrap();
     assert_eq!(tokio["scale"]["completed"], true, "{tokio}");
     assert!(rows.iter().all(|r| r.get("mixed").is_none()));
+    assert!(v["targets"].is_array());
 }
 
 #[test]

@@ -273,6 +273,17 @@ struct Report {
     scenarios: Vec<Scenario>,
     notes: Vec<String>,
     rows: Vec<Row>,
+    targets: Vec<Verdict>,
+}
+
+/// Whether one runner met one of the design's performance targets.
+#[derive(Debug, Serialize)]
+struct Verdict {
+    target: &'static str,
+    runner: String,
+    /// `None` when it could not be measured in this run.
+    met: Option<bool>,
+    detail: String,
 }
 
 // ------------------------------------------------------------------ running
@@ -529,6 +540,7 @@ pub fn command(args: BenchArgs) -> Result<i32> {
             .map(|n| n.get())
             .unwrap_or(1),
         scenarios: scenarios.clone(),
+        targets: evaluate(&rows),
         notes,
         rows,
     };
@@ -764,6 +776,106 @@ fn compute_ratios(rows: &mut [Row]) {
     }
 }
 
+// ------------------------------------------------------------------ targets
+
+fn find<'a>(rows: &'a [Row], label: &str) -> Option<&'a Row> {
+    rows.iter().find(|r| r.runner == label)
+}
+
+/// Checks the design's performance targets against this run's figures.
+fn evaluate(rows: &[Row]) -> Vec<Verdict> {
+    let mut out = Vec::new();
+    let tokio = find(rows, &Who::Tokio.label());
+    let asyncp = find(rows, &Who::AsyncProcess.label());
+    let tput = |r: Option<&Row>| r.and_then(|r| r.throughput.as_ref()).and_then(|t| t.vs_raw);
+    for r in rows {
+        let Some(kind) = rows_watcher(r) else {
+            continue;
+        };
+        // Throughput is the default watcher's promise (and Uring's).
+        let headline = kind == watchers::default_pick() || kind == WatcherName::Uring;
+        if let (Some(v), true) = (tput(Some(r)), headline) {
+            let (tk, ap) = (tput(tokio), tput(asyncp));
+            let ahead = tk.is_none_or(|t| v >= t) && ap.is_none_or(|a| v >= a);
+            out.push(Verdict {
+                target: "throughput >= 0.97x raw and >= tokio, async-process",
+                runner: r.runner.clone(),
+                met: Some(v >= 0.97 && ahead),
+                detail: format!("{v:.2}x raw; tokio {}, async-process {}", f2(tk), f2(ap)),
+            });
+        }
+        if let (Some(m), true) = (
+            &r.mixed,
+            matches!(
+                kind,
+                WatcherName::Fast | WatcherName::Pidfd | WatcherName::Uring
+            ),
+        ) {
+            out.push(Verdict {
+                target: "mixed: O(1) watcher slows <= 10%",
+                runner: r.runner.clone(),
+                met: Some(m.slowdown <= 0.10),
+                detail: format!("{:+.1}%", m.slowdown * 100.0),
+            });
+        }
+        if kind == WatcherName::Uring {
+            let t_scale = |r: Option<&Row>| {
+                r.and_then(|r| r.scale.as_ref())
+                    .and_then(|s| s.kill_reap_secs)
+            };
+            if let Some(s) = &r.scale {
+                let budget = s.nofile_limit / 2;
+                let ok = s.completed
+                    && s.peak_fds as u64 <= budget + 16
+                    && s.extra_threads == 0
+                    && s.kib_per_child <= 2.0
+                    && s.vs_raw_pidfd.is_some_and(|v| v <= 1.5);
+                out.push(Verdict {
+                    target: "scale: all exits, <= fd budget, 0 threads, <= 2 KiB/child, <= 1.5x raw pidfd",
+                    runner: r.runner.clone(),
+                    met: Some(ok),
+                    detail: format!(
+                        "completed {}, peak fds {} (budget {budget}), {} extra threads, {:.2} KiB/child, {}x raw pidfd",
+                        s.completed,
+                        s.peak_fds,
+                        s.extra_threads,
+                        s.kib_per_child,
+                        f2(s.vs_raw_pidfd)
+                    ),
+                });
+            }
+            if let (Some(u), Some(t)) = (t_scale(Some(r)), t_scale(tokio)) {
+                out.push(Verdict {
+                    target: "scale: ahead of tokio",
+                    runner: r.runner.clone(),
+                    met: Some(u < t),
+                    detail: format!("kill+reap {u:.3}s vs tokio {t:.3}s"),
+                });
+            }
+        }
+    }
+    let uring_rows = rows
+        .iter()
+        .filter(|r| rows_watcher(r) == Some(WatcherName::Uring));
+    for r in uring_rows {
+        if let Some(why) = &r.unavailable {
+            out.push(Verdict {
+                target: "uring targets",
+                runner: r.runner.clone(),
+                met: None,
+                detail: format!("not measured: {why}"),
+            });
+        }
+    }
+    out
+}
+
+/// The childwatch watcher a row measures, if it is one.
+fn rows_watcher(r: &Row) -> Option<WatcherName> {
+    let (w, _) = r.runner.split_once('/')?;
+    WatcherName::from_str(w, false).ok()
+}
+
 // ------------------------------------------------------------------ tables
 
 fn f2(v: Option<f64>) -> String {
@@ -936,6 +1048,17 @@ fn print_tables(rep: &Report, sz: &Sizes) {
             } else {
                 println!("{:<w$}  n/a", r.runner);
             }
+        }
+    }
+    if !rep.targets.is_empty() {
+        println!("\ndesign targets (this run):");
+        for t in &rep.targets {
+            let mark = match t.met {
+                Some(true) => "met    ",
+                Some(false) => "NOT met",
+                None => "-      ",
+            };
+            println!("  {mark}  {:<w$}  {}: {}", t.runner, t.target, t.detail);
         }
     }
 }
