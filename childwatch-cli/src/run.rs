@@ -91,6 +91,7 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
 struct Running {
     process: Process,
     open_pipes: Cell<u8>,
+    sent_signal: Cell<i32>,
 }
 
 /// Why no new jobs start.
@@ -111,6 +112,8 @@ struct Outcome {
     /// We sent the signal that ended it (timeout or interrupt).
     killed: bool,
     timed_out: bool,
+    /// The last signal we sent to the job's group (0: none).
+    sent_signal: i32,
 }
 
 #[derive(Debug, Default)]
@@ -292,6 +295,7 @@ fn on_signal(st: &State, sig: i32) {
 /// group are alive (and a pid stays reserved while it names a live group).
 fn signal_job(r: &Running, sig: i32) {
     let p = &r.process;
+    r.sent_signal.set(sig);
     let leader_alive = p.returncode().is_none();
     if leader_alive {
         let _ = p.send_signal(sig);
@@ -354,6 +358,7 @@ async fn run_one(st: &Rc<State>, lp: &EventLoop, i: usize) -> Outcome {
                 stderr: format!("childwatch: cannot run {}: {e}\n", job.argv[0]).into_bytes(),
                 killed: false,
                 timed_out: false,
+                sent_signal: 0,
             };
         }
     };
@@ -362,6 +367,7 @@ async fn run_one(st: &Rc<State>, lp: &EventLoop, i: usize) -> Outcome {
     let p = Rc::new(Running {
         process: p,
         open_pipes: Cell::new(2),
+        sent_signal: Cell::new(0),
     });
     st.running.borrow_mut().insert(i, Rc::clone(&p));
     show_progress(st);
@@ -426,6 +432,7 @@ async fn run_one(st: &Rc<State>, lp: &EventLoop, i: usize) -> Outcome {
         stderr,
         killed: rc < 0 && (timed_out.get() || st.signals_seen.get() > signals_before),
         timed_out: timed_out.get(),
+        sent_signal: p.sent_signal.get(),
     }
 }
 
@@ -452,7 +459,9 @@ async fn read_counted<R: futures_lite::AsyncRead + Unpin>(
 
 fn finish(st: &State, i: usize, o: Outcome) {
     let job = &st.jobs[i];
-    let failed = o.rc != 0;
+    // A job that outlived its timeout failed, even if its leader exited 0
+    // (something it started kept its output open).
+    let failed = o.rc != 0 || o.timed_out;
     {
         let mut c = st.counts.borrow_mut();
         c.done += 1;
@@ -463,21 +472,19 @@ fn finish(st: &State, i: usize, o: Outcome) {
             c.timed_out += 1;
         }
         if let Some(pb) = &st.progress {
-            pb.set_message(format!(
-                "{} failed, {} running",
-                c.failed,
-                st.running.borrow().len()
-            ));
             pb.inc(1);
         }
     }
+    show_progress(st);
     if let Some(log) = st.joblog.borrow_mut().as_mut() {
-        let (exitval, signal) = if o.rc >= 0 {
-            (o.rc, 0)
-        } else if o.killed {
+        let (exitval, signal) = if o.rc < 0 && o.killed {
             (-1, -o.rc)
-        } else {
+        } else if o.rc < 0 {
             (0, -o.rc)
+        } else if o.timed_out {
+            (-1, o.sent_signal)
+        } else {
+            (o.rc, 0)
         };
         let entry = Entry {
             seq: job.seq,

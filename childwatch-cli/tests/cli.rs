@@ -603,3 +603,22 @@ fn a_low_descriptor_limit_caps_parallelism_instead_of_failing_jobs() {
         text(&o.stderr)
     );
 }
+
+#[test]
+fn timeout_also_stops_what_a_job_left_running() {
+    // The job's shell exits at once but leaves a background subshell holding
+    // its output; the timeout signals the whole process group.
+    let d = tmpdir("grandchild");
+    let marker = d.join("marker");
+    let script = format!("(sleep 2; touch {}) & echo started {{}}", marker.display());
+    let o = run(&["--timeout", "0.3", "--", "sh", "-c", &script, ":::", "a"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o.stderr));
+    assert_eq!(text(&o.stdout), "started a\n");
+    assert!(text(&o.stderr).contains("timed out"));
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(
+        !marker.exists(),
+        "the background subshell survived the timeout"
+    );
+    std::fs::remove_dir_all(d).unwrap();
+}
