@@ -59,6 +59,27 @@ impl WatcherName {
     }
 }
 
+impl WatcherName {
+    /// How the watcher learns of an exit, and what that costs (one line).
+    pub fn describe(self) -> &'static str {
+        match self {
+            WatcherName::Threaded => "a thread per child in waitpid(pid); 1 thread/child",
+            WatcherName::Safe => {
+                "SIGCHLD on the attached loop, waitpid(pid) for each child; O(n)/exit"
+            }
+            WatcherName::Fast => {
+                "SIGCHLD on the attached loop, waitpid(-1); O(1), reaps every child"
+            }
+            WatcherName::MultiLoop => "process-wide SIGCHLD, any loop; O(n)/exit",
+            WatcherName::Pidfd => "a pidfd per child polled by the loop; O(1), 1 fd/child",
+            WatcherName::Uring => {
+                "io_uring POLL_ADD on pidfds within a budget, WAITID beyond; O(1)"
+            }
+            WatcherName::Auto => "what the default policy picks",
+        }
+    }
+}
+
 impl fmt::Display for WatcherName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -233,6 +254,7 @@ pub fn command() -> Result<()> {
             ""
         };
         println!("  {:<10} {status}{mark}", w.as_str());
+        println!("  {:<10}   {}", "", w.describe());
     }
     Ok(())
 }
