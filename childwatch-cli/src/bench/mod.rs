@@ -203,6 +203,9 @@ fn make_runner(who: Who, p: &Programs) -> Result<Box<dyn Runner>> {
 
 #[derive(Debug, Default, Serialize)]
 struct Row {
+    /// Stable id: `raw`, `raw-pidfd`, `WATCHER/LOOP`, `tokio`, `async-process`, `std-threads`.
+    id: String,
+    /// Human-readable name.
     runner: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     unavailable: Option<String>,
@@ -463,6 +466,7 @@ pub fn command(args: BenchArgs) -> Result<i32> {
     let mut rows = Vec::new();
     for &who in &whos {
         let mut row = Row {
+            id: who.id(),
             runner: who.label(),
             ..Row::default()
         };
