@@ -337,10 +337,11 @@ fn halt_on_error_starts_no_new_jobs() {
     );
 }
 
-#[test]
-fn sigint_is_forwarded_to_running_jobs() {
-    let d = tmpdir("sigint");
-    let script = format!("touch {}/{{}}; exec sleep 60", d.display());
+/// Starts `run` with 4 jobs of `body` (3 at once), waits until the first 3
+/// are running, and sends `signals` to childwatch, one after the other.
+fn interrupt(name: &str, body: &str, signals: &[i32]) -> Output {
+    let d = tmpdir(name);
+    let script = format!("touch {}/{{}}; {body}", d.display());
     let child = bin()
         .args([
             "run", "-j", "3", "--", "sh", "-c", &script, ":::", "a", "b", "c", "d",
@@ -355,17 +356,49 @@ fn sigint_is_forwarded_to_running_jobs() {
         assert!(t0.elapsed() < Duration::from_secs(30), "jobs did not start");
         std::thread::sleep(Duration::from_millis(20));
     }
-    // SAFETY: kill(2) on our own, unreaped child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    for (i, &sig) in signals.iter().enumerate() {
+        if i > 0 {
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        // SAFETY: kill(2) on our own child, not yet waited for.
+        unsafe { libc::kill(child.id() as i32, sig) };
+    }
     let o = child.wait_with_output().unwrap();
+    assert!(!d.join("d").exists(), "no job starts after the signal");
+    std::fs::remove_dir_all(d).unwrap();
+    o
+}
+
+#[test]
+fn sigint_is_forwarded_to_running_jobs() {
+    let o = interrupt("sigint", "exec sleep 60", &[libc::SIGINT]);
     assert_eq!(o.status.code(), Some(130), "{}", text(&o.stderr));
     let err = text(&o.stderr);
     assert!(
         err.contains("3 failed") && err.contains("1 not started"),
         "{err}"
     );
-    assert!(!d.join("d").exists(), "no job starts after Ctrl-C");
-    std::fs::remove_dir_all(d).unwrap();
+}
+
+#[test]
+fn sigterm_is_forwarded_too() {
+    let o = interrupt("sigterm", "exec sleep 60", &[libc::SIGTERM]);
+    assert_eq!(o.status.code(), Some(143), "{}", text(&o.stderr));
+}
+
+#[test]
+fn a_second_sigint_kills_jobs_that_ignore_the_first() {
+    let o = interrupt(
+        "sigint2",
+        "trap '' INT; sleep 60",
+        &[libc::SIGINT, libc::SIGINT],
+    );
+    assert_eq!(o.status.code(), Some(130), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("killing 3 running jobs"),
+        "{}",
+        text(&o.stderr)
+    );
 }
 
 #[test]
