@@ -337,11 +337,12 @@ fn halt_on_error_starts_no_new_jobs() {
     );
 }
 
-/// Starts `run` with 4 jobs of `body` (3 at once), waits until the first 3
-/// are running, and sends `signals` to childwatch, one after the other.
-fn interrupt(name: &str, body: &str, signals: &[i32]) -> Output {
+/// Starts `run` with 4 jobs of `pre; touch MARKER; body` (3 at once), waits
+/// until the first 3 are running, and sends `signals` to childwatch, one
+/// after the other.
+fn interrupt(name: &str, pre: &str, body: &str, signals: &[i32]) -> Output {
     let d = tmpdir(name);
-    let script = format!("touch {}/{{}}; {body}", d.display());
+    let script = format!("{pre} touch {}/{{}}; {body}", d.display());
     let child = bin()
         .args([
             "run", "-j", "3", "--", "sh", "-c", &script, ":::", "a", "b", "c", "d",
@@ -371,7 +372,7 @@ fn interrupt(name: &str, body: &str, signals: &[i32]) -> Output {
 
 #[test]
 fn sigint_is_forwarded_to_running_jobs() {
-    let o = interrupt("sigint", "exec sleep 60", &[libc::SIGINT]);
+    let o = interrupt("sigint", "", "exec sleep 60", &[libc::SIGINT]);
     assert_eq!(o.status.code(), Some(130), "{}", text(&o.stderr));
     let err = text(&o.stderr);
     assert!(
@@ -382,7 +383,7 @@ fn sigint_is_forwarded_to_running_jobs() {
 
 #[test]
 fn sigterm_is_forwarded_too() {
-    let o = interrupt("sigterm", "exec sleep 60", &[libc::SIGTERM]);
+    let o = interrupt("sigterm", "", "exec sleep 60", &[libc::SIGTERM]);
     assert_eq!(o.status.code(), Some(143), "{}", text(&o.stderr));
 }
 
@@ -390,7 +391,8 @@ fn sigterm_is_forwarded_too() {
 fn a_second_sigint_kills_jobs_that_ignore_the_first() {
     let o = interrupt(
         "sigint2",
-        "trap '' INT; sleep 60",
+        "trap '' INT;",
+        "sleep 60",
         &[libc::SIGINT, libc::SIGINT],
     );
     assert_eq!(o.status.code(), Some(130), "{}", text(&o.stderr));
