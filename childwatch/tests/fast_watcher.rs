@@ -2,13 +2,13 @@
 //! alone in this binary and run one at a time (a global lock): a test's
 //! children would otherwise be reaped by another test's watcher.
 
-mod common;
+mod watcher_util;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use childwatch::{ChildWatcher, EventLoop, FastChildWatcher, LoopKind, sleep};
-use common::*;
+use watcher_util::*;
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -27,7 +27,7 @@ macro_rules! serial_cases {
             #[test]
             fn $case() {
                 let _g = crate::serial();
-                crate::common::suite::$case($kind, crate::make)
+                crate::watcher_util::suite::$case($kind, crate::make)
             }
         )*
     };
@@ -157,6 +157,10 @@ fn detach_and_reattach_delivers() {
             })
             .unwrap();
         w.attach_loop(None);
+        assert!(
+            !lp1.remove_signal_handler(libc::SIGCHLD),
+            "detach removed it"
+        );
         kill(pid, libc::SIGTERM);
         wait_zombie(pid);
         lp1.run_until_complete(sleep(Duration::from_millis(20)))

@@ -6,7 +6,7 @@
 //! with other tests: its tests live in `fast_watcher.rs`. Descriptor and
 //! thread counts need a quiet process: they live in `watcher_resources.rs`.
 
-mod common;
+mod watcher_util;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,14 +15,14 @@ use childwatch::{
     ChildWatcher, EventLoop, LoopKind, MultiLoopChildWatcher, PidfdChildWatcher, SafeChildWatcher,
     ThreadedChildWatcher, sleep,
 };
-use common::*;
+use watcher_util::*;
 
 macro_rules! cases {
     ($kind:expr; $($case:ident),* $(,)?) => {
         $(
             #[test]
             fn $case() {
-                crate::common::suite::$case($kind, super::make)
+                crate::watcher_util::suite::$case($kind, super::make)
             }
         )*
     };
@@ -95,6 +95,10 @@ fn safe_detach_and_reattach_delivers() {
             })
             .unwrap();
         w.attach_loop(None);
+        assert!(
+            !lp1.remove_signal_handler(libc::SIGCHLD),
+            "detach removed it"
+        );
         assert!(!w.is_active());
         kill(pid, libc::SIGTERM);
         wait_zombie(pid);
@@ -130,13 +134,36 @@ fn safe_moves_between_loops() {
         assert_eq!(log.by_pid()[&pid], vec![9]);
     })
     .unwrap();
-    // The handler was removed from lp1: closing it is unaffected, and the
-    // watcher stays active on lp2.
+    // The handler left lp1 and the watcher stays active on lp2.
+    assert!(
+        !lp1.remove_signal_handler(libc::SIGCHLD),
+        "lp1 keeps no handler"
+    );
     lp1.close().unwrap();
     assert!(w.is_active());
     w.close();
     assert!(!w.is_active());
+    assert!(
+        !lp2.remove_signal_handler(libc::SIGCHLD),
+        "close removed it"
+    );
     lp2.close().unwrap();
+}
+
+/// Closing Safe from another thread removes its SIGCHLD handler from the
+/// loop's own thread (through the loop) at its next iteration.
+#[test]
+fn safe_close_from_another_thread_removes_the_handler() {
+    let lp = EventLoop::selector().unwrap();
+    let w = Arc::new(SafeChildWatcher::new().unwrap());
+    w.attach_loop(Some(&lp));
+    let w2 = Arc::clone(&w);
+    std::thread::spawn(move || w2.close()).join().unwrap();
+    assert!(!w.is_active());
+    lp.run_until_complete(sleep(Duration::from_millis(5)))
+        .unwrap();
+    assert!(!lp.remove_signal_handler(libc::SIGCHLD));
+    lp.close().unwrap();
 }
 
 /// MultiLoop and Pidfd are active from new() until close(), loop or not;
@@ -218,4 +245,48 @@ fn pidfd_close_leaves_live_children_for_a_new_watcher() {
     .unwrap();
     w2.close();
     lp.close().unwrap();
+}
+
+/// Attaching Safe to the loop it is already on keeps one working handler,
+/// which close() then removes.
+#[test]
+fn safe_reattach_same_loop() {
+    let lp = EventLoop::proactor()
+        .or_else(|_| EventLoop::selector())
+        .unwrap();
+    let w = SafeChildWatcher::new().unwrap();
+    w.attach_loop(Some(&lp));
+    w.attach_loop(Some(&lp));
+    let log = Log::default();
+    lp.run_until_complete(async {
+        let pid = sh("exit 11");
+        w.add_child_handler(pid, log.cb()).unwrap();
+        log.wait_for(1).await;
+        assert_eq!(log.by_pid()[&pid], vec![11]);
+    })
+    .unwrap();
+    w.close();
+    assert!(!lp.remove_signal_handler(libc::SIGCHLD));
+    lp.close().unwrap();
+}
+
+/// Threaded: the same pid twice is one waiter thread.
+#[test]
+fn threaded_same_pid_one_waiter() {
+    let w = ThreadedChildWatcher::new().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let pid = sh("exec sleep 30");
+    let tx2 = tx.clone();
+    w.add_child_handler(pid, Box::new(move |_, _| tx2.send("first").unwrap()))
+        .unwrap();
+    w.add_child_handler(
+        pid,
+        Box::new(move |_, rc| tx.send(if rc == -9 { "second" } else { "bad" }).unwrap()),
+    )
+    .unwrap();
+    assert_eq!(w.waiter_threads(), 1);
+    kill(pid, libc::SIGKILL);
+    assert_eq!(rx.recv_timeout(PATIENCE).unwrap(), "second");
+    assert!(rx.recv_timeout(Duration::from_millis(50)).is_err());
+    w.close();
 }

@@ -26,8 +26,8 @@ use super::{ChildCallback, Pid, ReturnCode};
 use crate::event_loop::{EventLoop, LoopHandle};
 
 thread_local! {
-    /// Attachment id → (generation, loop) for loops living on this thread.
-    static LOOPS: RefCell<HashMap<u64, (u64, EventLoop)>> = RefCell::new(HashMap::new());
+    /// (attachment id, generation) → loop, for loops living on this thread.
+    static LOOPS: RefCell<HashMap<(u64, u64), EventLoop>> = RefCell::new(HashMap::new());
 }
 
 #[derive(Debug, Clone)]
@@ -99,7 +99,7 @@ impl Attachment {
                     Ok(()) => {
                         let id = self.id;
                         let lp2 = lp.clone();
-                        let _ = LOOPS.try_with(|m| m.borrow_mut().insert(id, (generation, lp2)));
+                        let _ = LOOPS.try_with(|m| m.borrow_mut().insert((id, generation), lp2));
                         *st = Some(Attached {
                             handle: lp.handle(),
                             thread: std::thread::current().id(),
@@ -117,26 +117,26 @@ impl Attachment {
         drop(st);
         if let Some(old) = old {
             let same = new_handle.is_some_and(|h| h.same_loop(&old.handle));
-            if !same {
-                self.release(old);
-            }
+            self.release(old, same);
         }
         installed
     }
 
-    /// Removes the SIGCHLD handler of a loop we no longer use.
-    fn release(&self, old: Attached) {
+    /// Forgets a loop we no longer use and removes its SIGCHLD handler
+    /// (unless `same`: we re-attached to that loop, and the new handler has
+    /// replaced the old one there).
+    fn release(&self, old: Attached, same: bool) {
         let id = self.id;
         let generation = old.generation;
         if old.thread == std::thread::current().id() {
-            release_here(id, generation);
+            release_here(id, generation, !same);
         } else if old.handle.is_closed() {
             // A closed loop has dropped its signal handlers; the thread-local
             // entry goes when that thread ends or attaches again.
         } else {
             let _ = old
                 .handle
-                .call_soon_threadsafe(move || release_here(id, generation));
+                .call_soon_threadsafe(move || release_here(id, generation, !same));
         }
     }
 
@@ -175,21 +175,22 @@ impl Attachment {
     }
 }
 
-/// On the loop's own thread: forget the loop and remove its SIGCHLD handler
-/// if it is still the one installed with `generation`.
-fn release_here(id: u64, generation: u64) {
-    let lp = LOOPS
+/// On the loop's own thread: forget the loop attached as `generation`, and
+/// remove its SIGCHLD handler if `remove_handler`.
+fn release_here(id: u64, generation: u64, remove_handler: bool) {
+    let found = LOOPS
         .try_with(|m| {
             let mut m = m.borrow_mut();
-            match m.get(&id) {
-                Some((g, _)) if *g == generation => m.remove(&id).map(|(_, lp)| lp),
-                _ => None,
-            }
+            let lp = m.remove(&(id, generation))?;
+            // Re-attached to this same loop since: the handler there is the
+            // new one and must stay.
+            let reattached = m.iter().any(|((i, _), other)| *i == id && *other == lp);
+            Some((lp, reattached))
         })
         .ok()
         .flatten();
-    if let Some(lp) = lp {
-        if !lp.is_closed() {
+    if let Some((lp, reattached)) = found {
+        if remove_handler && !reattached && !lp.is_closed() {
             lp.remove_signal_handler(libc::SIGCHLD);
         }
     }
@@ -199,7 +200,7 @@ impl Drop for Attachment {
     fn drop(&mut self) {
         let old = self.lock().take();
         if let Some(old) = old {
-            self.release(old);
+            self.release(old, false);
         }
     }
 }

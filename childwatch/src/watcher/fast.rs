@@ -91,8 +91,22 @@ impl Inner {
     }
 }
 
-/// Reaps **every** child of the process on SIGCHLD with `waitpid(-1)` (O(1)
-/// per exit). Needs an attached loop; read the [module docs](self) first.
+/// Reaps children on SIGCHLD with `waitpid(-1, WNOHANG)`: O(1) per exit, no
+/// thread, no descriptor.
+///
+/// # Warning: it reaps EVERY child of the process
+///
+/// Not only the registered ones: a child of another library, of
+/// `std::process::Command` (whose `wait` then fails with ECHILD) or of another
+/// watcher loses its status to this watcher. Choose it only when it is the
+/// process's one and only reaper.
+///
+/// Like asyncio's, it is active only while attached to a loop that is not
+/// closed ([`attach_loop`](ChildWatcher::attach_loop)); callbacks run on the
+/// attached loop. Exits of unregistered children seen inside
+/// [`enter`](ChildWatcher::enter)/[`exit`](ChildWatcher::exit) are kept for
+/// a handler added before `exit`; other unregistered exits are logged and
+/// dropped (a handler added later gets 255, never a hang).
 #[derive(Debug, Clone)]
 pub struct FastChildWatcher {
     inner: Arc<Inner>,

@@ -101,8 +101,14 @@ struct Running {
     wake: Arc<OwnedFd>,
 }
 
-/// One helper thread polls the registered children on every SIGCHLD (O(n));
-/// callbacks go to the loop that registered them. See the [module docs](self).
+/// A process-wide SIGCHLD handler (not tied to any loop) wakes one helper
+/// thread, which polls each registered child with `waitpid(pid, WNOHANG)`:
+/// O(n) per SIGCHLD, one thread and one eventfd in all, nothing per child.
+///
+/// Each callback runs on the loop that was running when its handler was
+/// added (else on the helper thread). Active from `new()` until `close()`;
+/// `attach_loop` is a no-op. Reaps only registered children. `close()`
+/// removes the SIGCHLD action, joins the thread and closes the eventfd.
 pub struct MultiLoopChildWatcher {
     inner: Arc<Inner>,
     running: Mutex<Option<Running>>,

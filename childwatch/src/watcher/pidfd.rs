@@ -167,6 +167,7 @@ impl Inner {
             (Some(Watch::Task { generation, .. }), Some(g)) if *generation == g => {}
             (Some(Watch::Task { .. }), _) => return Ok(()),
             (None, Some(_)) => return Ok(()),
+            (None, None) if st.closed || !self.registry.contains(pid) => return Ok(()),
             (None, None) => {}
         }
         if st.closed && replacing.is_some() {
@@ -212,6 +213,11 @@ impl Inner {
         let cancel = Arc::new(Cancel::default());
         let generation = {
             let mut st = self.lock();
+            if st.closed || !self.registry.contains(pid) {
+                // Closed or removed meanwhile: nothing to watch; the pidfd
+                // closes here.
+                return;
+            }
             st.next_generation += 1;
             let generation = st.next_generation;
             st.watches.insert(
@@ -332,8 +338,18 @@ async fn watch_pidfd(mut guard: TaskGuard, fd: OwnedFd) {
     }
 }
 
-/// Watches each child through a pidfd on the loop running at registration
-/// (O(1) per exit, one descriptor per live child). See the [module docs](self).
+/// Watches each child through a pidfd polled on the loop that is running at
+/// registration, then reaps it with `waitid(P_PIDFD)`: O(1) per exit, no
+/// thread, one descriptor per live child (Linux 5.4+).
+///
+/// With no running loop at `add_child_handler`, when out of descriptors
+/// (EMFILE/ENFILE), or when the loop goes away first, the child is waited
+/// for by a waiter thread instead: a child is never left unwatched.
+/// `remove_child_handler` cancels the wait and closes the pidfd. `close()`
+/// stops all callbacks and cancels every wait (each pidfd closes on its
+/// loop's thread at that loop's next iteration, or when it closes);
+/// children still running are then left for another watcher to take over,
+/// with their real status.
 pub struct PidfdChildWatcher {
     inner: Arc<Inner>,
 }
@@ -429,7 +445,9 @@ impl ChildWatcher for PidfdChildWatcher {
                 Ok(())
             }
             Err(e) => {
-                if !matches!(e, rustix::io::Errno::MFILE | rustix::io::Errno::NFILE) {
+                if matches!(e, rustix::io::Errno::MFILE | rustix::io::Errno::NFILE) {
+                    tracing::debug!("out of descriptors for pid {pid}'s pidfd; using a thread");
+                } else {
                     tracing::warn!("pidfd_open({pid}) failed: {e}; using a waiter thread");
                 }
                 self.register_failed(pid, self.inner.to_thread(pid, None))

@@ -67,8 +67,15 @@ impl Inner {
     }
 }
 
-/// Reaps only its registered children, polling each on SIGCHLD (O(n) per
-/// signal). Needs an attached loop; see the [module docs](self).
+/// On SIGCHLD (through the attached loop's signal handling) polls each
+/// registered child with `waitpid(pid, WNOHANG)`: O(n) per signal, no thread,
+/// no descriptor, and it never touches another library's children.
+///
+/// Like asyncio's, it is active only while attached to a loop that is not
+/// closed ([`attach_loop`](ChildWatcher::attach_loop)): `add_child_handler`
+/// fails otherwise. Callbacks run on the attached loop; exits that happen
+/// while detached are reported once attached again. One loop holds one
+/// SIGCHLD handler, so two Safe/Fast watchers cannot share a loop.
 #[derive(Debug, Clone)]
 pub struct SafeChildWatcher {
     inner: Arc<Inner>,

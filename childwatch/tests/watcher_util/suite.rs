@@ -51,11 +51,14 @@ pub fn exited_before_add(kind: LoopKind, make: Make) {
     };
     env.run(async {
         let log = Log::default();
+        // asyncio's `with watcher:` around the spawn (Fast keeps the exit).
+        env.w.enter();
         let pid = sh("exit 42");
         wait_zombie(pid);
         // Let the loop take in the SIGCHLD while nothing is registered.
         sleep(Duration::from_millis(20)).await;
         env.w.add_child_handler(pid, log.cb()).unwrap();
+        env.w.exit();
         log.wait_for(1).await;
         assert_eq!(log.by_pid()[&pid], vec![42]);
     });
