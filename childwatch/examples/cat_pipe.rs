@@ -5,9 +5,12 @@
 //!
 //! `cargo run -p childwatch --example cat_pipe`
 
+#[cfg(target_os = "linux")]
 use childwatch::{EventLoop, Stdio, create_subprocess_exec};
+#[cfg(target_os = "linux")]
 use futures_util::{AsyncReadExt, AsyncWriteExt};
 
+#[cfg(target_os = "linux")]
 fn pipe_through_cat(lp: &EventLoop) -> std::io::Result<()> {
     let echoed = lp.run_until_complete(async {
         let mut p = create_subprocess_exec("cat", [] as [&str; 0])
@@ -33,6 +36,7 @@ fn pipe_through_cat(lp: &EventLoop) -> std::io::Result<()> {
     Ok(())
 }
 
+#[cfg(target_os = "linux")]
 fn main() -> std::io::Result<()> {
     for lp in [EventLoop::proactor(), EventLoop::selector()] {
         match lp {
@@ -45,4 +49,9 @@ fn main() -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn main() {
+    eprintln!("the subprocess layer is Linux-only for now");
 }

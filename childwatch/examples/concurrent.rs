@@ -3,10 +3,13 @@
 //!
 //! `cargo run -p childwatch --example concurrent`
 
+#[cfg(target_os = "linux")]
 use std::time::Instant;
 
+#[cfg(target_os = "linux")]
 use childwatch::{Stdio, create_subprocess_shell, new_event_loop};
 
+#[cfg(target_os = "linux")]
 fn main() -> std::io::Result<()> {
     const N: usize = 100;
     let lp = new_event_loop()?;
@@ -43,4 +46,9 @@ fn main() -> std::io::Result<()> {
         lp.kind()
     );
     lp.close()
+}
+
+#[cfg(not(target_os = "linux"))]
+fn main() {
+    eprintln!("the subprocess layer is Linux-only for now");
 }

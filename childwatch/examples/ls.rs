@@ -4,8 +4,10 @@
 //!
 //! `cargo run -p childwatch --example ls -- /tmp`
 
+#[cfg(target_os = "linux")]
 use childwatch::{Stdio, create_subprocess_exec, new_event_loop};
 
+#[cfg(target_os = "linux")]
 fn main() -> std::io::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let lp = new_event_loop()?;
@@ -21,4 +23,9 @@ fn main() -> std::io::Result<()> {
     eprint!("{}", String::from_utf8_lossy(&err));
     println!("ls exited with returncode {rc:?} ({:?} loop)", lp.kind());
     lp.close()
+}
+
+#[cfg(not(target_os = "linux"))]
+fn main() {
+    eprintln!("the subprocess layer is Linux-only for now");
 }

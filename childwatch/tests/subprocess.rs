@@ -326,6 +326,13 @@ mod cases {
     pub fn kill_gives_minus_9(cx: &Ctx) {
         cx.run(async {
             let p = long_sleeper(cx);
+            // SAFETY: a plain syscall; the pidfd it may return is closed at once.
+            let probe = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0) };
+            if probe >= 0 {
+                // SAFETY: closing the descriptor we just opened.
+                unsafe { libc::close(probe as i32) };
+                assert!(p.pidfd().is_some(), "signals go through a pidfd here");
+            }
             assert_eq!(p.returncode(), None);
             p.kill().unwrap();
             assert_eq!(p.wait().await.unwrap(), -9);
@@ -708,12 +715,24 @@ mod cases {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
         let out = cx.run(async {
-            let mut p = cx
-                .exec("cw-hello", [] as [&str; 0])
-                .env("PATH", &dir)
-                .stdout(Stdio::piped())
-                .spawn()
-                .unwrap();
+            // A spawn on another test thread may still hold a copy of the
+            // descriptor that wrote the script (between its clone and its
+            // exec): ETXTBSY, the classic race; it clears at that exec.
+            let mut tries = 0;
+            let mut p = loop {
+                match cx
+                    .exec("cw-hello", [] as [&str; 0])
+                    .env("PATH", &dir)
+                    .stdout(Stdio::piped())
+                    .spawn()
+                {
+                    Err(e) if e.kind() == io::ErrorKind::ExecutableFileBusy && tries < 100 => {
+                        tries += 1;
+                        sleep(Duration::from_millis(10)).await;
+                    }
+                    other => break other.unwrap(),
+                }
+            };
             p.communicate(None).await.unwrap().0
         });
         std::fs::remove_dir_all(&dir).unwrap();
@@ -807,9 +826,71 @@ macro_rules! matrix {
     )*};
 }
 
+/// A test watcher that calls back on its own waiter thread, never on the
+/// loop: proves that a `Process` copes with callbacks from any thread.
+#[derive(Default)]
+struct ForeignThreadWatcher {
+    inner: Arc<ForeignInner>,
+}
+
+#[derive(Default)]
+struct ForeignInner {
+    closed: std::sync::atomic::AtomicBool,
+    handlers: std::sync::Mutex<std::collections::HashMap<i32, childwatch::ChildCallback>>,
+}
+
+impl ChildWatcher for ForeignThreadWatcher {
+    fn add_child_handler(&self, pid: i32, cb: childwatch::ChildCallback) -> io::Result<()> {
+        use std::sync::atomic::Ordering;
+        if self.inner.closed.load(Ordering::SeqCst) {
+            return Err(io::Error::other("closed"));
+        }
+        if self
+            .inner
+            .handlers
+            .lock()
+            .unwrap()
+            .insert(pid, cb)
+            .is_some()
+        {
+            return Ok(());
+        }
+        let inner = Arc::clone(&self.inner);
+        std::thread::spawn(move || {
+            let mut st = 0;
+            // SAFETY: waiting for a child registered with us.
+            let r = unsafe { libc::waitpid(pid, &mut st, 0) };
+            let rc = if r == pid {
+                childwatch::watcher::status::from_raw_wait_status(st).unwrap_or(255)
+            } else {
+                255
+            };
+            let cb = inner.handlers.lock().unwrap().remove(&pid);
+            if let Some(cb) = cb {
+                cb(pid, rc);
+            }
+        });
+        Ok(())
+    }
+    fn remove_child_handler(&self, pid: i32) -> bool {
+        self.inner.handlers.lock().unwrap().remove(&pid).is_some()
+    }
+    fn attach_loop(&self, _lp: Option<&EventLoop>) {}
+    fn is_active(&self) -> bool {
+        !self.inner.closed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    fn close(&self) {
+        self.inner
+            .closed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.inner.handlers.lock().unwrap().clear();
+    }
+}
+
 // The watcher matrix: one line per watcher.
 matrix! {
     threaded => Ok(Arc::new(ThreadedChildWatcher::new()?)), exclusive: false;
+    foreign_thread => Ok(Arc::new(ForeignThreadWatcher::default())), exclusive: false;
 }
 
 /// Spawn + wait throughput through the whole stack (loop, watcher, Process):

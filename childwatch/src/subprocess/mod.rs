@@ -33,7 +33,8 @@
 //!
 //! # Signals never reach a recycled pid
 //!
-//! Right after the spawn the process opens a pidfd for the child. Until the
+//! Right after the spawn the process opens a pidfd for the child (and checks
+//! with a non-reaping `waitid` that it names our child). Until the
 //! watcher reaps it the child cannot be recycled, and after the reap the
 //! pidfd refers to a dead process (the kernel answers `ESRCH`, which is
 //! treated as "already exited"), so [`Process::send_signal`] through the
@@ -93,6 +94,13 @@ impl Stdio {
     /// the child's stderr wherever its stdout goes.
     pub fn stdout() -> Stdio {
         Stdio(StdioKind::Stdout)
+    }
+}
+
+impl Default for Stdio {
+    /// [`Stdio::inherit`].
+    fn default() -> Stdio {
+        Stdio::inherit()
     }
 }
 
@@ -399,7 +407,18 @@ fn wrap_pipes(lp: &EventLoop, s: spawn::Spawned) -> io::Result<Pipes> {
 fn open_pidfd(pid: Pid) -> Option<OwnedFd> {
     let rp = crate::watcher::status::rpid(pid).ok()?;
     match rustix::process::pidfd_open(rp, rustix::process::PidfdFlags::empty()) {
-        Ok(fd) => Some(fd),
+        Ok(fd) => {
+            // Is it still our child? Only a watcher on another thread that
+            // reaps every child (Fast) could have reaped it already, letting
+            // the pid be reused; then the pidfd names a stranger and waitid
+            // says ECHILD. NOWAIT: this never reaps.
+            use rustix::process::{WaitId, WaitIdOptions, waitid};
+            let opts = WaitIdOptions::EXITED | WaitIdOptions::NOHANG | WaitIdOptions::NOWAIT;
+            match waitid(WaitId::PidFd(std::os::fd::AsFd::as_fd(&fd)), opts) {
+                Err(rustix::io::Errno::CHILD) => None,
+                _ => Some(fd),
+            }
+        }
         Err(e) => {
             if e != rustix::io::Errno::NOSYS {
                 tracing::debug!("pidfd_open({pid}) failed ({e}); signals fall back to kill(2)");
@@ -592,6 +611,12 @@ impl Process {
     /// The child's pid.
     pub fn pid(&self) -> Pid {
         self.pid
+    }
+
+    /// The pidfd held for the child, if the kernel gave one (Linux 5.3+):
+    /// it keeps naming this child, never a process that reused the pid.
+    pub fn pidfd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.pidfd.as_ref().map(std::os::fd::AsFd::as_fd)
     }
 
     /// The return code once the watcher reported the exit (exit code, or
