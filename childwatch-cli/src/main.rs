@@ -6,17 +6,33 @@
 //! usage (from clap), 255 for anything that stops a command before it runs;
 //! `run` otherwise exits with its jobs' status.
 
+// The command drives Linux child processes (posix_spawn, pidfds, process
+// groups, io_uring); elsewhere it only says so.
+#[cfg(target_os = "linux")]
 mod bench;
+#[cfg(target_os = "linux")]
 mod joblog;
+#[cfg(target_os = "linux")]
 mod jobs;
+#[cfg(target_os = "linux")]
 mod proc_api;
+#[cfg(target_os = "linux")]
 mod run;
+#[cfg(target_os = "linux")]
 mod watchers;
 
 use std::process::ExitCode;
 
+#[cfg(not(target_os = "linux"))]
+fn main() -> ExitCode {
+    eprintln!("childwatch: error: this command is only available on Linux");
+    ExitCode::from(255)
+}
+
+#[cfg(target_os = "linux")]
 use clap::{CommandFactory, Parser, Subcommand};
 
+#[cfg(target_os = "linux")]
 #[derive(Debug, Parser)]
 #[command(
     name = "childwatch",
@@ -28,6 +44,7 @@ struct Cli {
     cmd: Cmd,
 }
 
+#[cfg(target_os = "linux")]
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Run jobs in parallel (like xargs -P / GNU parallel).
@@ -50,6 +67,7 @@ enum Cmd {
     },
 }
 
+#[cfg(target_os = "linux")]
 fn main() -> ExitCode {
     std::panic::set_hook(Box::new(|info| {
         eprintln!("childwatch: internal error: {info}");

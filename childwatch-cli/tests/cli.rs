@@ -1,5 +1,6 @@
 //! The `childwatch` binary, run for real: exit statuses, output grouping and
 //! ordering, timeouts, the joblog, Ctrl-C, every bad input, and `bench`.
+#![cfg(target_os = "linux")]
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
