@@ -183,15 +183,9 @@ struct Programs {
 
 fn make_runner(who: Who, p: &Programs) -> Result<Box<dyn Runner>> {
     let (s, l) = (&p.short, &p.long);
-    let dup = |x: &Program| Program::find(&[x.path()], &[x.path()]);
-    let long = || {
-        let mut args = vec![l.path()];
-        args.extend(l.rest());
-        Program::find(&[l.path()], &args)
-    };
     Ok(match who {
-        Who::Raw => Box::new(raw::Raw::new(dup(s)?, long()?)),
-        Who::RawPidfd => Box::new(raw::RawPidfd::new(long()?)?),
+        Who::Raw => Box::new(raw::Raw::new(s.clone(), l.clone())),
+        Who::RawPidfd => Box::new(raw::RawPidfd::new(l.clone())?),
         Who::Ours(w, k) => Box::new(ours::Ours::new(k, w, s, l)?),
         Who::Tokio => Box::new(peers::Tokio::new(s, l)?),
         Who::AsyncProcess => Box::new(peers::AsyncProcess::new(s, l)),

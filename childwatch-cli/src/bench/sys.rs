@@ -151,7 +151,7 @@ unsafe extern "C" {
 }
 
 /// A program and its argv, prepared once for `posix_spawn`.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Program {
     path: CString,
     args: Vec<CString>,
