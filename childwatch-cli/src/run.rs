@@ -562,3 +562,29 @@ fn write_block(w: &mut impl Write, data: &[u8], tag: Option<&String>) -> std::io
     }
     w.write_all(&buf)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tags_prefix_every_line_and_end_it() {
+        let mut out = Vec::new();
+        write_block(&mut out, b"a\nb\nc", Some(&"t".to_string())).unwrap();
+        assert_eq!(out, b"t\ta\nt\tb\nt\tc\n");
+        let mut out = Vec::new();
+        write_block(&mut out, b"a\nb", None).unwrap();
+        assert_eq!(out, b"a\nb", "untagged output is passed through as is");
+    }
+
+    #[test]
+    fn option_values_are_checked() {
+        assert_eq!(parse_jobs("3"), Ok(3));
+        assert!(parse_jobs("0").is_err());
+        assert!(parse_jobs("-1").is_err());
+        assert_eq!(parse_secs("0.5"), Ok(Duration::from_millis(500)));
+        for bad in ["0", "-2", "nan", "inf", "x"] {
+            assert!(parse_secs(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1060,3 +1060,99 @@ fn print_tables(rep: &Report, sz: &Sizes) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A runner whose short runs take the given times, in order.
+    struct Scripted(Vec<Duration>);
+
+    impl Runner for Scripted {
+        fn run_short(&mut self, _n: usize, _inflight: usize) -> Result<Duration> {
+            Ok(self.0.remove(0))
+        }
+        fn hold(&mut self, _k: usize) -> Result<()> {
+            Ok(())
+        }
+        fn release(&mut self) -> Result<Released> {
+            bail!("not scripted")
+        }
+        fn latency(&mut self, _samples: usize) -> Result<Vec<Duration>> {
+            bail!("not scripted")
+        }
+    }
+
+    #[test]
+    fn the_best_batch_is_scaled_to_the_whole_run() {
+        let ms = Duration::from_millis;
+        let mut r = Scripted(vec![ms(40), ms(10), ms(90), ms(12)]);
+        assert_eq!(best_batch(&mut r, 100, 8).unwrap(), ms(40));
+        assert!(r.0.is_empty(), "four batches ran");
+    }
+
+    #[test]
+    fn percentiles_pick_from_the_sorted_samples() {
+        let mut v: Vec<Duration> = (1..=100).rev().map(Duration::from_micros).collect();
+        assert_eq!(percentile(&mut v, 0.5), Some(51.0));
+        assert_eq!(percentile(&mut v, 0.99), Some(99.0));
+        assert_eq!(percentile(&mut [], 0.5), None);
+    }
+
+    fn row(who: Who, secs: f64) -> Row {
+        Row {
+            id: who.id(),
+            runner: who.label(),
+            throughput: Some(Throughput {
+                n: 100,
+                inflight: 8,
+                secs,
+                per_sec: 100.0 / secs,
+                vs_raw: None,
+            }),
+            ..Row::default()
+        }
+    }
+
+    #[test]
+    fn ratios_and_targets_come_from_the_same_run() {
+        let pick = watchers::default_pick();
+        let mut rows = vec![
+            row(Who::Raw, 1.0),
+            row(Who::Ours(pick, LoopKind::Selector), 1.0),
+            row(Who::Ours(pick, LoopKind::Proactor), 2.0),
+            row(Who::Tokio, 1.25),
+        ];
+        compute_ratios(&mut rows);
+        let ratio = |i: usize| rows[i].throughput.as_ref().unwrap().vs_raw.unwrap();
+        assert_eq!(
+            (ratio(0), ratio(1), ratio(2), ratio(3)),
+            (1.0, 1.0, 0.5, 0.8)
+        );
+        let verdicts = evaluate(&rows);
+        let met = |id: &str| {
+            verdicts
+                .iter()
+                .find(|v| v.runner == id && v.target.starts_with("throughput"))
+                .and_then(|v| v.met)
+        };
+        assert_eq!(met(&format!("{pick}/selector")), Some(true));
+        assert_eq!(met(&format!("{pick}/proactor")), Some(false));
+    }
+
+    #[test]
+    fn runner_ids_round_trip() {
+        for who in [
+            Who::Raw,
+            Who::RawPidfd,
+            Who::Tokio,
+            Who::AsyncProcess,
+            Who::StdThreads,
+            Who::Ours(WatcherName::MultiLoop, LoopKind::Proactor),
+            Who::Ours(WatcherName::Pidfd, LoopKind::Selector),
+        ] {
+            assert_eq!(Who::from_id(&who.id()), Some(who));
+        }
+        assert_eq!(Who::from_id("pidfd/kqueue"), None);
+    }
+}
