@@ -710,17 +710,18 @@ pub fn scale_one(who: &str, n: usize) -> Result<i32> {
 
 fn scale_here(who: Who, programs: &Programs, n: usize) -> Result<Scale> {
     let limit = if who == Who::RawPidfd {
-        let (soft, hard) = sys::nofile()?;
-        let need = (n as u64 + 256).max(soft);
-        if need > hard {
-            bail!("needs {need} descriptors but the hard RLIMIT_NOFILE is {hard}");
-        }
-        need
+        (n as u64 + 256).max(sys::nofile()?.0)
     } else {
         1024
     };
     let probe = sys::Probe::new()?;
     let _guard = sys::NofileGuard::set(limit)?;
+    let got = sys::nofile()?.0;
+    if got < limit.min(1024) || (who == Who::RawPidfd && got < limit) {
+        bail!(
+            "needs RLIMIT_NOFILE {limit} but only {got} is allowed here (raise the hard limit, or use a smaller --n)"
+        );
+    }
     let mut r = make_runner(who, programs)?;
     let before = probe.read();
     let t0 = std::time::Instant::now();

@@ -120,9 +120,13 @@ pub struct NofileGuard {
 }
 
 impl NofileGuard {
-    /// Sets the soft limit to `soft` (clamped to the hard limit).
+    /// Sets the soft limit to `soft`, raising the hard limit too when it
+    /// is lower and we may (CAP_SYS_RESOURCE); otherwise clamps to it.
     pub fn set(soft: u64) -> io::Result<NofileGuard> {
         let old = nofile()?;
+        if soft > old.1 && set_nofile(soft, soft).is_ok() {
+            return Ok(NofileGuard { old });
+        }
         set_nofile(soft.min(old.1), old.1)?;
         Ok(NofileGuard { old })
     }
@@ -142,6 +146,7 @@ fn set_nofile(soft: u64, hard: u64) -> io::Result<()> {
 
 impl Drop for NofileGuard {
     fn drop(&mut self) {
+        // Restoring a raised hard limit is a lowering: always allowed.
         let _ = set_nofile(self.old.0, self.old.1);
     }
 }
