@@ -113,10 +113,16 @@ pub fn pidfd_ok() -> bool {
     !disabled("pidfd") && childwatch::PidfdChildWatcher::is_supported()
 }
 
+/// Whether the io_uring watcher (WAITID, Linux 6.7+) works here; `None`
+/// while this build has no such watcher.
+fn uring_probe() -> Option<bool> {
+    // TODO(uring): `Some(childwatch::UringChildWatcher::is_supported())` once main has it.
+    None
+}
+
 /// Whether the io_uring watcher (WAITID, Linux 6.7+) works here.
 pub fn uring_ok() -> bool {
-    // TODO(uring): `!disabled("uring") && childwatch::UringChildWatcher::is_supported()` once main has it.
-    false
+    !disabled("uring") && uring_probe() == Some(true)
 }
 
 /// What this build and kernel say about one watcher: `Ok` if usable, else why not.
@@ -134,15 +140,11 @@ pub fn watcher_support(name: WatcherName) -> std::result::Result<(), String> {
                 Err("this kernel lacks pidfd_open (Linux 5.3+)".into())
             }
         }
-        WatcherName::Uring => {
-            if disabled("uring") {
-                Err("this kernel lacks io_uring WAITID (Linux 6.7+)".into())
-            } else if !uring_ok() {
-                Err("not available in this build yet".into())
-            } else {
-                Ok(())
-            }
-        }
+        WatcherName::Uring => match uring_probe() {
+            None => Err("not available in this build yet".into()),
+            Some(_) if uring_ok() => Ok(()),
+            Some(_) => Err("this kernel lacks io_uring WAITID (Linux 6.7+)".into()),
+        },
     }
 }
 

@@ -834,7 +834,7 @@ fn evaluate(rows: &[Row]) -> Vec<Verdict> {
                     runner: r.runner.clone(),
                     met: Some(ok),
                     detail: format!(
-                        "completed {}, peak fds {} (budget {budget}), {} extra threads, {:.2} KiB/child, {}x raw pidfd",
+                        "completed {}, peak fds {} (budget {budget}; each Process holds a pidfd too), {} extra threads, {:.2} KiB/child, {}x raw pidfd",
                         s.completed,
                         s.peak_fds,
                         s.extra_threads,
