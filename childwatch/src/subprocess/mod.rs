@@ -836,7 +836,8 @@ impl Process {
             // Nobody will tell us when the pid is reaped, so kill(2) could
             // hit a recycled pid; only a pidfd is safe now.
             return Err(io::Error::other(format!(
-                "the child watcher stopped watching pid {} and no pidfd is held; refusing                  to signal a pid that may have been recycled",
+                "the child watcher stopped watching pid {} and no pidfd is held; refusing \
+                 to signal a pid that may have been recycled",
                 self.pid
             )));
         }
