@@ -400,6 +400,60 @@ fn loop_thread_affinity(kind: LoopKind) {
     drop(lp);
 }
 
+fn work_queued_from_the_loop_thread_while_idle_is_not_slept_on(kind: LoopKind) {
+    let lp = new_loop(kind);
+    // call_soon_threadsafe from the loop's own thread, loop not running.
+    let ran = Arc::new(AtomicUsize::new(0));
+    let (r, l) = (Arc::clone(&ran), lp.handle());
+    lp.handle()
+        .call_soon_threadsafe(move || {
+            r.fetch_add(1, Ordering::SeqCst);
+            l.stop();
+        })
+        .unwrap();
+    lp.run_forever().unwrap();
+    assert_eq!(ran.load(Ordering::SeqCst), 1);
+    // A task woken from the loop's thread between two runs.
+    let waker: Rc<RefCell<Option<std::task::Waker>>> = Rc::new(RefCell::new(None));
+    let done = Rc::new(Cell::new(false));
+    let (w, d) = (Rc::clone(&waker), Rc::clone(&done));
+    let t = lp.create_task(std::future::poll_fn(move |cx| {
+        if w.borrow().is_some() {
+            d.set(true);
+            return std::task::Poll::Ready(());
+        }
+        *w.borrow_mut() = Some(cx.waker().clone());
+        std::task::Poll::Pending
+    }));
+    lp.run_until_complete(sleep(Duration::from_millis(1)))
+        .unwrap();
+    assert!(!done.get());
+    let w = waker.borrow().clone().unwrap();
+    w.wake();
+    // run_forever starts with nothing ready and no timer: it returns only if
+    // it sees the queued runnable instead of sleeping. A watchdog turns a
+    // hang into a failure.
+    let l = lp.clone();
+    lp.create_task(async move {
+        t.await;
+        l.stop();
+    })
+    .detach();
+    let h = lp.handle();
+    let watchdog = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(5));
+        h.stop();
+    });
+    let start = Instant::now();
+    lp.run_forever().unwrap();
+    assert!(done.get());
+    assert!(
+        start.elapsed() < Duration::from_secs(4),
+        "the loop slept on queued work"
+    );
+    drop(watchdog);
+}
+
 macro_rules! both_kinds {
     ($($(#[$m:meta])* $name:ident),* $(,)?) => {
         mod proactor {
@@ -432,4 +486,5 @@ both_kinds!(
     a_panicking_callback_does_not_wedge_the_loop,
     running_loop_is_visible_only_while_running,
     loop_thread_affinity,
+    work_queued_from_the_loop_thread_while_idle_is_not_slept_on,
 );

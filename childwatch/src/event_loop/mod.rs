@@ -717,6 +717,9 @@ impl EventLoop {
             || inner.stopping.get()
             || !inner.ready.borrow().is_empty()
             || inner.shared.stop_requested.load(Ordering::Relaxed)
+            // Work queued from this thread does not wake the loop: it only
+            // must not be slept on.
+            || !inner.shared.lock().queue.is_empty()
         {
             Some(Duration::ZERO)
         } else {
@@ -938,7 +941,12 @@ impl LoopHandle {
             }
             r.queue.push_back(RemoteItem::Call(Box::new(f)));
         }
-        self.shared.notifier.notify();
+        // From the loop's own thread no wake-up is needed: the loop is not
+        // sleeping (we are running on it), and `run_once` never sleeps while
+        // this queue holds work.
+        if self.shared.thread != thread_id() {
+            self.shared.notifier.notify();
+        }
         Ok(())
     }
 
