@@ -182,6 +182,41 @@ fn waitid_entry(pid: Pid, si: &mut libc::siginfo_t) -> squeue::Entry {
         .build()
 }
 
+/// The sentinel: a `WAITID(P_ALL, WEXITED | WNOWAIT)` SQE writing into
+/// `si`. It reaps nothing; it completes once some child is a zombie.
+fn sentinel_entry(si: &mut libc::siginfo_t) -> squeue::Entry {
+    let ptr: *mut libc::siginfo_t = si;
+    opcode::WaitId::new(libc::P_ALL, 0, libc::WEXITED | libc::WNOWAIT)
+        .infop(ptr.cast_const())
+        .build()
+}
+
+/// The pid of some zombie child of this process, without reaping it
+/// (`waitid(P_ALL, WEXITED | WNOHANG | WNOWAIT)`); `None` if there is none.
+fn next_zombie() -> Option<Pid> {
+    // SAFETY: siginfo_t is plain old data; all zeroes is a valid value.
+    let mut si: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    loop {
+        // SAFETY: `si` is a valid, writable siginfo_t for the whole call.
+        let r = unsafe {
+            libc::waitid(
+                libc::P_ALL,
+                0,
+                &mut si,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            )
+        };
+        if r == 0 {
+            // SAFETY: waitid filled a child-state siginfo (or left it zeroed).
+            let pid = unsafe { si.si_pid() };
+            return (pid > 0).then_some(pid);
+        }
+        if io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return None;
+        }
+    }
+}
+
 /// A counter bumped for as long as a value lives (pidfds held, WAITIDs
 /// pending).
 #[derive(Debug)]
@@ -211,6 +246,9 @@ struct Pidfd {
 enum Check {
     Exited(ReturnCode),
     Running,
+    /// `ECHILD`: reaped already (by the sentinel sweep of this watcher, or
+    /// not our child at all).
+    Gone,
 }
 
 fn check_pidfd(pid: Pid, fd: BorrowedFd<'_>) -> Check {
@@ -227,7 +265,7 @@ fn check_pidfd(pid: Pid, fd: BorrowedFd<'_>) -> Check {
             }
             Ok(None) => return Check::Running,
             Err(Errno::INTR) => continue,
-            Err(Errno::CHILD) => return Check::Exited(lost(pid)),
+            Err(Errno::CHILD) => return Check::Gone,
             Err(e) => {
                 tracing::error!("waitid(P_PIDFD) for pid {pid} failed: {e}");
                 return Check::Running;
@@ -243,21 +281,44 @@ fn check_pidfd(pid: Pid, fd: BorrowedFd<'_>) -> Check {
 /// this thread: the status if it exited (reaping it), `None` if it still
 /// runs, 255 with a warning only if it really is not our child.
 fn recheck_echild(pid: Pid) -> Option<ReturnCode> {
+    match recheck_echild_quiet(pid) {
+        Recheck::Exited(rc) => Some(rc),
+        Recheck::Running => None,
+        Recheck::Gone => Some(lost(pid)),
+    }
+}
+
+/// What [`recheck_echild_quiet`] found.
+enum Recheck {
+    Exited(ReturnCode),
+    Running,
+    /// `ECHILD` again: reaped already (by a sentinel sweep, or not ours).
+    Gone,
+}
+
+/// [`recheck_echild`] leaving `ECHILD` to the caller (a sentinel sweep may
+/// have reaped and delivered the child: see [`Inner::gone`]).
+fn recheck_echild_quiet(pid: Pid) -> Recheck {
     let Ok(p) = rpid(pid) else {
-        return Some(lost(pid));
+        return Recheck::Exited(lost(pid));
     };
     loop {
         match waitid(
             WaitId::Pid(p),
             WaitIdOptions::EXITED | WaitIdOptions::NOHANG,
         ) {
-            Ok(Some(st)) => return status::from_waitid(&st),
-            Ok(None) => return None,
+            Ok(Some(st)) => {
+                return match status::from_waitid(&st) {
+                    Some(rc) => Recheck::Exited(rc),
+                    None => Recheck::Running,
+                };
+            }
+            Ok(None) => return Recheck::Running,
             Err(Errno::INTR) => continue,
-            Err(Errno::CHILD) => return Some(lost(pid)),
+            Err(Errno::CHILD) => return Recheck::Gone,
             Err(e) => {
                 tracing::error!("waitid(P_PID, {pid}) failed: {e}");
-                return Some(lost(pid));
+                return Recheck::Exited(lost(pid));
             }
         }
     }
@@ -325,6 +386,20 @@ enum How {
     Loop(Arc<Token>),
     /// By an operation on the watcher's own ring (keyed by the watch id).
     Own,
+    /// By the sentinel of a proactor loop (in that loop's overflow set).
+    Sentinel,
+}
+
+/// The overflow children of one proactor loop and its sentinel.
+struct SentinelRing {
+    lp: LoopHandle,
+    /// Overflow children watched by the sentinel: pid -> watch id.
+    overflow: HashMap<Pid, u64>,
+    /// A foreign zombie was seen: new overflow children get a `WAITID`
+    /// each until no per-pid `WAITID` is left.
+    per_pid: bool,
+    /// The token of the sentinel task, while one runs.
+    armed: Option<Arc<Token>>,
 }
 
 struct Watch {
@@ -336,6 +411,31 @@ struct Watch {
 struct State {
     watches: HashMap<Pid, Watch>,
     own: Option<Arc<OwnRing>>,
+    sentinels: Vec<SentinelRing>,
+}
+
+impl State {
+    /// The sentinel bookkeeping of loop `lp`, if any.
+    fn ring(&mut self, lp: &LoopHandle) -> Option<&mut SentinelRing> {
+        self.sentinels.iter_mut().find(|r| r.lp.same_loop(lp))
+    }
+
+    /// Claims the watch of `pid` for a reap by a sentinel sweep: true if
+    /// `pid` is watched by this watcher (its watch is gone afterwards, so
+    /// that any other operation for it only cleans up).
+    fn claim(&mut self, pid: Pid) -> bool {
+        match self.watches.remove(&pid) {
+            Some(w) => {
+                if let How::Sentinel = w.how {
+                    for r in &mut self.sentinels {
+                        r.overflow.remove(&pid);
+                    }
+                }
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 struct Inner {
@@ -344,6 +444,8 @@ struct Inner {
     budget: AtomicUsize,
     pidfds: Arc<AtomicUsize>,
     waitids: Arc<AtomicUsize>,
+    /// Sentinels in flight (each counts as one pending `WAITID`).
+    sentinels: Arc<AtomicUsize>,
     next_id: AtomicU64,
     state: Mutex<State>,
 }
@@ -387,6 +489,7 @@ impl Inner {
                 // Not our child, or exited already: no operation needed.
                 Ok(match check_pidfd(pid, fd.fd.as_fd()) {
                     Check::Exited(rc) => Start::Exited(rc),
+                    Check::Gone => Start::Exited(lost(pid)),
                     Check::Running => Start::Poll(fd),
                 })
             }
@@ -426,6 +529,20 @@ impl Inner {
     fn finish(&self, pid: Pid, id: u64, rc: ReturnCode) {
         self.forget(pid, id);
         self.registry.exited(pid, rc, false);
+    }
+
+    /// Whether `pid` is still watched as `id` (not claimed by a sentinel
+    /// sweep, removed, or closed).
+    fn is_current(&self, pid: Pid, id: u64) -> bool {
+        self.state().watches.get(&pid).is_some_and(|w| w.id == id)
+    }
+
+    /// `pid` (watched as `id`) turned out reaped already: lost if it is
+    /// still ours, else a sentinel sweep reaped and delivered it.
+    fn gone(&self, pid: Pid, id: u64) {
+        if self.is_current(pid, id) {
+            self.finish(pid, id, lost(pid));
+        }
     }
 }
 
@@ -651,7 +768,7 @@ impl Core {
         tag: u64,
         res: i32,
         waitids: &Arc<AtomicUsize>,
-        exits: &mut Vec<(Pid, u64, ReturnCode)>,
+        exits: &mut Vec<(Pid, u64, Option<ReturnCode>)>,
     ) {
         if tag == WAKE_TAG || tag == CANCEL_TAG {
             return;
@@ -666,7 +783,7 @@ impl Core {
             // the child: pass the status on (a removed handler ignores it).
             if let (OwnKind::Wait(si, _), true) = (&op.kind, res >= 0) {
                 if let Some(rc) = siginfo_rc(si) {
-                    exits.push((pid, tag, rc));
+                    exits.push((pid, tag, Some(rc)));
                 }
             }
             return;
@@ -675,7 +792,8 @@ impl Core {
         match kind {
             OwnKind::Poll(None) => {}
             OwnKind::Poll(Some(fd)) => match check_pidfd(pid, fd.fd.as_fd()) {
-                Check::Exited(rc) => exits.push((pid, tag, rc)),
+                Check::Exited(rc) => exits.push((pid, tag, Some(rc))),
+                Check::Gone => exits.push((pid, tag, None)),
                 Check::Running => {
                     if res < 0 && res != -libc::ECANCELED {
                         tracing::warn!(
@@ -699,7 +817,7 @@ impl Core {
             OwnKind::Wait(si, count) => {
                 if res >= 0 {
                     match siginfo_rc(&si) {
-                        Some(rc) => exits.push((pid, tag, rc)),
+                        Some(rc) => exits.push((pid, tag, Some(rc))),
                         None => {
                             // Not an exit: wait again with the same buffer.
                             op.kind = OwnKind::Wait(si, count);
@@ -707,9 +825,10 @@ impl Core {
                         }
                     }
                 } else if res == -libc::ECHILD && op.errors < MAX_ERRORS {
-                    match recheck_echild(pid) {
-                        Some(rc) => exits.push((pid, tag, rc)),
-                        None => {
+                    match recheck_echild_quiet(pid) {
+                        Recheck::Exited(rc) => exits.push((pid, tag, Some(rc))),
+                        Recheck::Gone => exits.push((pid, tag, None)),
+                        Recheck::Running => {
                             // Submitted by a thread that exited: wait again
                             // from this (living) thread.
                             op.errors += 1;
@@ -732,7 +851,7 @@ impl Core {
                         "WAITID for pid {pid} keeps failing ({}); giving up on it",
                         io::Error::from_raw_os_error(-res)
                     );
-                    exits.push((pid, tag, lost(pid)));
+                    exits.push((pid, tag, Some(lost(pid))));
                 }
             }
         }
@@ -770,7 +889,10 @@ fn harvest(inner: &Inner, ring: &OwnRing) {
             cqes.len()
         };
         for (pid, id, rc) in exits {
-            inner.finish(pid, id, rc);
+            match rc {
+                Some(rc) => inner.finish(pid, id, rc),
+                None => inner.gone(pid, id),
+            }
         }
         if n == 0 {
             return;
@@ -1021,8 +1143,18 @@ impl Future for LoopWatch {
                         this.op = LoopOp::Done;
                         continue;
                     };
+                    if !this.inner.is_current(this.pid, this.id) {
+                        // Reaped and delivered by a sentinel sweep: the
+                        // poll only kept the pidfd open until now.
+                        this.op = LoopOp::Done;
+                        continue;
+                    }
                     match check_pidfd(this.pid, fd.fd.as_fd()) {
                         Check::Exited(rc) => this.exit(rc),
+                        Check::Gone => {
+                            this.op = LoopOp::Done;
+                            this.inner.gone(this.pid, this.id);
+                        }
                         Check::Running => {
                             if let Err(e) = res {
                                 this.error("POLL_ADD", e);
@@ -1050,13 +1182,17 @@ impl Future for LoopWatch {
                             None => this.wait_again(si, count),
                         },
                         Err(e) if e.raw_os_error() == Some(libc::ECHILD) => {
-                            match recheck_echild(this.pid) {
-                                Some(rc) => this.exit(rc),
-                                None if this.errors < MAX_ERRORS => {
+                            match recheck_echild_quiet(this.pid) {
+                                Recheck::Exited(rc) => this.exit(rc),
+                                Recheck::Gone => {
+                                    this.op = LoopOp::Done;
+                                    this.inner.gone(this.pid, this.id);
+                                }
+                                Recheck::Running if this.errors < MAX_ERRORS => {
                                     this.errors += 1;
                                     this.wait_again(si, count);
                                 }
-                                None => this.hand_over(),
+                                Recheck::Running => this.hand_over(),
                             }
                         }
                         Err(e) => {
@@ -1193,6 +1329,7 @@ impl UringChildWatcher {
                 budget: AtomicUsize::new(default_budget()),
                 pidfds: Arc::new(AtomicUsize::new(0)),
                 waitids: Arc::new(AtomicUsize::new(0)),
+                sentinels: Arc::new(AtomicUsize::new(0)),
                 next_id: AtomicU64::new(1),
                 state: Mutex::new(State::default()),
             }),
@@ -1223,10 +1360,11 @@ impl UringChildWatcher {
         self.inner.pidfds.load(Ordering::SeqCst)
     }
 
-    /// How many `WAITID` operations the watcher has in flight now (children
-    /// watched beyond the budget).
+    /// How many `WAITID` operations the watcher has in flight now: one per
+    /// child watched beyond the budget on the per-pid path, plus one per
+    /// proactor loop whose overflow children a sentinel watches.
     pub fn waitids_pending(&self) -> usize {
-        self.inner.waitids.load(Ordering::SeqCst)
+        self.inner.waitids.load(Ordering::SeqCst) + self.inner.sentinels.load(Ordering::SeqCst)
     }
 
     /// How many children have a handler registered now.
@@ -1297,6 +1435,16 @@ impl ChildWatcher for UringChildWatcher {
                     core.flush();
                 }
             }
+            Some(Watch {
+                how: How::Sentinel, ..
+            }) => {
+                // Out of the overflow set; the sentinel stops at its next
+                // completion if the set is empty then.
+                let mut st = self.inner.state();
+                for r in &mut st.sentinels {
+                    r.overflow.remove(&pid);
+                }
+            }
             None => {}
         }
         removed
@@ -1313,11 +1461,21 @@ impl ChildWatcher for UringChildWatcher {
         if inner.closed.swap(true, Ordering::SeqCst) {
             return;
         }
-        let (watches, own) = {
+        let (watches, own, sentinels) = {
             let mut st = inner.state();
-            (std::mem::take(&mut st.watches), st.own.take())
+            (
+                std::mem::take(&mut st.watches),
+                st.own.take(),
+                std::mem::take(&mut st.sentinels),
+            )
         };
         inner.registry.clear();
+        for r in sentinels {
+            if let Some(t) = r.armed {
+                // The task drops (= cancels) its WNOWAIT op: it reaps nothing.
+                t.cancel();
+            }
+        }
         for w in watches.values() {
             if let How::Loop(t) = &w.how {
                 t.cancel();
@@ -1362,6 +1520,60 @@ fn watch_on_loop(
     pid: Pid,
     pidfd: Option<Pidfd>,
 ) -> io::Result<()> {
+    if pidfd.is_none() {
+        let h = lp.handle();
+        let mut st = inner.state();
+        if inner.closed.load(Ordering::SeqCst) {
+            return Err(Inner::closed_error());
+        }
+        if st.ring(&h).is_none() {
+            st.sentinels.push(SentinelRing {
+                lp: h.clone(),
+                overflow: HashMap::new(),
+                per_pid: false,
+                armed: None,
+            });
+        }
+        let ring = st.ring(&h).expect("pushed above"); // ok: just inserted
+        if ring.per_pid && inner.waitids.load(Ordering::SeqCst) == 0 {
+            // The per-pid fallback is over: no per-pid WAITID is left.
+            ring.per_pid = false;
+        }
+        if !ring.per_pid {
+            let id = inner.next_id();
+            ring.overflow.insert(pid, id);
+            let token = match ring.armed {
+                Some(_) => None,
+                None => {
+                    let t = Arc::new(Token::default());
+                    ring.armed = Some(Arc::clone(&t));
+                    Some(t)
+                }
+            };
+            st.watches.insert(
+                pid,
+                Watch {
+                    id,
+                    how: How::Sentinel,
+                },
+            );
+            drop(st);
+            if let Some(token) = token {
+                let op = sentinel_op(inner, p);
+                lp.create_task(Sentinel {
+                    inner: Arc::clone(inner),
+                    proactor: p.clone(),
+                    lp: h,
+                    token,
+                    op: Some(op),
+                    errors: 0,
+                    done: false,
+                })
+                .detach();
+            }
+            return Ok(());
+        }
+    }
     let op = match &pidfd {
         Some(fd) => LoopOp::Poll(p.poll_add(fd.fd.as_raw_fd(), libc::POLLIN as u32)),
         None => LoopOp::Wait(loop_waitid(
@@ -1400,6 +1612,232 @@ fn watch_on_loop(
     })
     .detach();
     Ok(())
+}
+
+// ---------------------------------------------------------------- the sentinel
+
+/// Submits the sentinel `WAITID(P_ALL, WEXITED | WNOWAIT)` on a loop's ring.
+fn sentinel_op(inner: &Inner, p: &Proactor) -> Op<(SigInfo, Counted)> {
+    let mut si = new_siginfo();
+    let entry = sentinel_entry(&mut si);
+    // SAFETY: the entry points into the boxed siginfo, which the op owns (in
+    // the proactor's table) until its completion, wherever the box moves.
+    unsafe { p.submit(entry, (si, Counted::new(&inner.sentinels))) }
+}
+
+/// What a sentinel sweep ended with.
+enum Sweep {
+    /// No zombie left (or only one whose watch is being set up).
+    Clear,
+    /// A zombie that is not registered with this watcher.
+    Foreign(Pid),
+}
+
+/// Reaps and delivers every zombie registered with this watcher, starting
+/// with `first` (0: none known), until no zombie is left or a foreign one
+/// shows up. Runs on the harvesting (loop) thread.
+fn sweep(inner: &Inner, first: Pid) -> Sweep {
+    let mut next = first;
+    loop {
+        let x = if next > 0 {
+            std::mem::take(&mut next)
+        } else {
+            match next_zombie() {
+                Some(x) => x,
+                None => return Sweep::Clear,
+            }
+        };
+        if !inner.state().claim(x) {
+            if inner.registry.contains(x) {
+                // Registered, its watch is being set up (or handed over) on
+                // another thread: the sentinel fires again until it is.
+                return Sweep::Clear;
+            }
+            return Sweep::Foreign(x);
+        }
+        // Claimed: any other operation of ours for `x` only cleans up now.
+        let Ok(p) = rpid(x) else { continue };
+        loop {
+            match waitid(
+                WaitId::Pid(p),
+                WaitIdOptions::EXITED | WaitIdOptions::NOHANG,
+            ) {
+                Ok(Some(st)) => {
+                    if let Some(rc) = status::from_waitid(&st) {
+                        inner.registry.exited(x, rc, false);
+                    }
+                }
+                // Reaped meanwhile by an operation of ours that saw it first;
+                // that operation delivers it.
+                Ok(None) | Err(Errno::CHILD) => {}
+                Err(Errno::INTR) => continue,
+                Err(e) => {
+                    tracing::error!("waitid(P_PID, {x}) failed: {e}");
+                    inner.registry.exited(x, lost(x), false);
+                }
+            }
+            break;
+        }
+    }
+}
+
+/// A task on a proactor loop holding that loop's sentinel: one
+/// `WAITID(P_ALL, WEXITED | WNOWAIT)` for all of its overflow children.
+struct Sentinel {
+    inner: Arc<Inner>,
+    proactor: Proactor,
+    lp: LoopHandle,
+    token: Arc<Token>,
+    op: Option<Op<(SigInfo, Counted)>>,
+    errors: u32,
+    done: bool,
+}
+
+impl Sentinel {
+    /// Ends the task; `per_pid`: the overflow children still pending get a
+    /// `WAITID` each (a foreign zombie blocks the sentinel).
+    fn stop(&mut self, per_pid: bool) {
+        self.done = true;
+        self.op = None;
+        let pending: Vec<(Pid, u64)> = {
+            let mut st = self.inner.state();
+            let Some(r) = st.ring(&self.lp) else { return };
+            if r.armed
+                .as_ref()
+                .is_some_and(|t| Arc::ptr_eq(t, &self.token))
+            {
+                r.armed = None;
+            }
+            if !per_pid {
+                return;
+            }
+            r.per_pid = true;
+            r.overflow.drain().collect()
+        };
+        let lp = get_running_loop().filter(|l| l.handle().same_loop(&self.lp));
+        for (pid, id) in pending {
+            let token = Arc::new(Token::default());
+            {
+                let mut st = self.inner.state();
+                match st.watches.get_mut(&pid) {
+                    Some(w) if w.id == id => w.how = How::Loop(Arc::clone(&token)),
+                    _ => continue,
+                }
+            }
+            let mut watch = LoopWatch {
+                inner: Arc::clone(&self.inner),
+                proactor: self.proactor.clone(),
+                pid,
+                id,
+                token,
+                op: LoopOp::Done,
+                errors: 0,
+            };
+            match &lp {
+                Some(lp) => {
+                    let count = Counted::new(&self.inner.waitids);
+                    watch.wait_again(new_siginfo(), count);
+                    lp.create_task(watch).detach();
+                }
+                // Not on its loop (dropped while it closes): the watcher's
+                // own ring takes the child.
+                None => watch.hand_over(),
+            }
+        }
+    }
+}
+
+impl Future for Sentinel {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = &mut *self;
+        loop {
+            if this.done {
+                return Poll::Ready(());
+            }
+            if this.token.is_cancelled() {
+                // Dropping the op cancels it; a WNOWAIT wait reaps nothing.
+                this.done = true;
+                this.op = None;
+                return Poll::Ready(());
+            }
+            this.token.set_waker(cx.waker());
+            let Some(op) = &mut this.op else {
+                this.stop(false);
+                return Poll::Ready(());
+            };
+            let (res, (si, _count)) = match Pin::new(op).poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(r) => r,
+            };
+            this.op = None;
+            let first = match &res {
+                Ok(_) => {
+                    this.errors = 0;
+                    // SAFETY: the kernel filled a child-state siginfo (or
+                    // left it zeroed); reading si_pid is reading plain data.
+                    unsafe { si.si_pid() }
+                }
+                // Submitted by a thread that exited, or anything else: ask
+                // synchronously from this (living) thread below.
+                Err(e) => {
+                    if e.raw_os_error() != Some(libc::ECHILD) {
+                        tracing::warn!("the child watcher's sentinel WAITID failed ({e})");
+                    }
+                    this.errors += 1;
+                    0
+                }
+            };
+            if let Sweep::Foreign(x) = sweep(&this.inner, first) {
+                tracing::debug!(
+                    "pid {x} is a zombie child not registered with the UringChildWatcher; \
+                     its overflow children go back to one WAITID each"
+                );
+                this.stop(true);
+                return Poll::Ready(());
+            }
+            if this.errors > MAX_ERRORS {
+                tracing::error!("the child watcher's sentinel keeps failing; one WAITID per child");
+                this.stop(true);
+                return Poll::Ready(());
+            }
+            {
+                // Decided under the lock a registration takes to see whether
+                // a sentinel is armed: no overflow child is left unwatched.
+                let mut st = this.inner.state();
+                let closed = this.inner.closed.load(Ordering::SeqCst);
+                let ring = st.ring(&this.lp);
+                let keep = !closed && ring.as_ref().is_some_and(|r| !r.overflow.is_empty());
+                if !keep {
+                    if let Some(r) = ring {
+                        if r.armed
+                            .as_ref()
+                            .is_some_and(|t| Arc::ptr_eq(t, &this.token))
+                        {
+                            r.armed = None;
+                        }
+                    }
+                    this.done = true;
+                    return Poll::Ready(());
+                }
+            }
+            this.op = Some(sentinel_op(&this.inner, &this.proactor));
+        }
+    }
+}
+
+impl Drop for Sentinel {
+    fn drop(&mut self) {
+        if self.done || self.token.is_cancelled() {
+            return;
+        }
+        // Dropped with its loop (closing): the overflow children still
+        // pending move to the watcher's own ring.
+        self.stop(true);
+        let mut st = self.inner.state();
+        st.sentinels.retain(|r| !r.lp.same_loop(&self.lp));
+    }
 }
 
 /// `close()` for the watcher's own ring: cancel everything, wait (bounded)
