@@ -217,6 +217,21 @@ fn next_zombie() -> Option<Pid> {
     }
 }
 
+/// Whether `pid` is a zombie child of this process right now (not reaped).
+fn still_zombie(pid: Pid) -> bool {
+    let Ok(p) = rpid(pid) else { return false };
+    loop {
+        match waitid(
+            WaitId::Pid(p),
+            WaitIdOptions::EXITED | WaitIdOptions::NOHANG | WaitIdOptions::NOWAIT,
+        ) {
+            Ok(Some(_)) => return true,
+            Err(Errno::INTR) => continue,
+            Ok(None) | Err(_) => return false,
+        }
+    }
+}
+
 /// A counter bumped for as long as a value lives (pidfds held, WAITIDs
 /// pending).
 #[derive(Debug)]
@@ -1652,6 +1667,11 @@ fn sweep(inner: &Inner, first: Pid) -> Sweep {
                 // Registered, its watch is being set up (or handed over) on
                 // another thread: the sentinel fires again until it is.
                 return Sweep::Clear;
+            }
+            if !still_zombie(x) {
+                // Stale: the completion's pid was one of ours, reaped and
+                // delivered meanwhile by its own pidfd poll or WAITID.
+                continue;
             }
             return Sweep::Foreign(x);
         }
