@@ -12,16 +12,46 @@
 //!   child with `waitid(P_PIDFD, WEXITED | WNOHANG)` and closes the pidfd.
 //!   Each pidfd has its own wait queue, so an exit costs O(1) whatever the
 //!   number of children.
-//! * **`IORING_OP_WAITID` (`P_PID`, `WEXITED`; Linux 6.7+)** beyond the
-//!   budget, or when `pidfd_open` fails with `EMFILE`. It costs no
-//!   descriptor at all: the kernel reaps the child itself and fills a
-//!   `siginfo_t` kept alive (boxed) until the operation's completion.
+//! * **Beyond the budget** (or when `pidfd_open` fails with `EMFILE`), on a
+//!   proactor loop: **one sentinel per loop**, an `IORING_OP_WAITID(P_ALL,
+//!   WEXITED | WNOWAIT)` (Linux 6.7+) shared by all of that loop's
+//!   *overflow* children. `WNOWAIT` reaps nothing: it completes as soon as
+//!   some child of the process is a zombie. The loop thread then *sweeps*:
+//!   it asks `waitid(P_ALL, WEXITED | WNOHANG | WNOWAIT)` for a zombie pid
+//!   (the completion's `si_pid` first), and if that pid is registered with
+//!   this watcher — an overflow child of any loop, or a pidfd-mode child
+//!   whose poll is still in flight — reaps exactly it with `waitid(P_PID,
+//!   WNOHANG)` and delivers through the registry (the callback still goes to
+//!   the loop that registered it), until no zombie is left; then it re-arms.
+//!   A pidfd-mode child reaped this way keeps its pidfd until its `POLL_ADD`
+//!   completes; that completion then only closes it (the sweep *claims* the
+//!   child's watch before reaping; any other operation finding the watch
+//!   gone only cleans up).
+//! * **A foreign zombie** (a child of the process not registered with this
+//!   watcher: another library's, the user's, another watcher's) must never
+//!   be reaped, and keeps the sentinel firing while it exists. So the sweep
+//!   falls back: every overflow child of that loop still pending gets its
+//!   own `IORING_OP_WAITID(P_PID, WEXITED)` (the kernel reaps exactly that
+//!   child into a boxed `siginfo_t`), and new overflow children on that loop
+//!   do the same until no per-pid `WAITID` is left; then the sentinel is used
+//!   again. (A pid reported by a completion but already reaped by its own
+//!   poll meanwhile is stale, not foreign: checked with `WNOWAIT`.)
+//! * Overflow children on the watcher's **own ring** (selector loop, no
+//!   loop) always get a per-pid `WAITID`.
 //!
 //! # Why the hybrid: what it costs
 //!
 //! Every waiter in `waitid`/`waitpid` — a blocked thread or a pending
 //! io_uring `WAITID` — sits on the parent's *single* child-exit wait queue, so
-//! each child exit makes the kernel check every pending waiter. Measured on
+//! each child exit makes the kernel check every pending waiter. The sentinel
+//! makes that one waiter per loop instead of one per overflow child: an exit
+//! costs O(1) waiters plus the sweep's two or three `waitid` calls (O(1)
+//! each with `WNOHANG` on a zombie at hand), against O(pending) before.
+//! Measured through this watcher on a proactor loop under `ulimit -n 1024`
+//! (the ignored test `kill_and_reap_poll_vs_waitid`, 10,000 live children,
+//! release build, Linux 6.18): budget 0 went from 1.41 s (10,000 per-pid
+//! `WAITID`s) to 0.63 s (one sentinel), the default budget from 1.45 s to
+//! 0.71 s. The history of the per-pid numbers follows. Measured on
 //! Linux 6.18 with 10,000 live children: kill + reap of all took 2.18 s
 //! through pending `WAITID`s against 0.90 s through pidfd polls, i.e. about
 //! 130 µs of extra kernel work per exit at 10,000 pending. A pidfd costs a
@@ -60,7 +90,8 @@
 //!
 //! # `close()` and children still pending
 //!
-//! `close()` cancels every operation, closes every pidfd, stops the reaper
+//! `close()` cancels every operation (sentinels included: a cancelled
+//! `WNOWAIT` wait reaps nothing), closes every pidfd, stops the reaper
 //! thread and releases its ring. Children that already exited are reaped
 //! (their statuses are dropped with their callbacks); children still alive
 //! are no longer reaped by this watcher — a cancelled `WAITID` reaps nothing
@@ -76,8 +107,10 @@
 //! kernel finds no children and completes with `ECHILD`, reaping nothing.
 //! The watcher therefore never trusts a `WAITID`'s `ECHILD`: the harvesting
 //! thread asks `waitid(P_PID, WNOHANG)` itself and either gets the real
-//! status, or submits a fresh `WAITID` from its own (living) thread. Pidfd
-//! polls do not depend on the submitter.
+//! status, or submits a fresh `WAITID` from its own (living) thread. The
+//! sentinel is treated alike: on any error it sweeps synchronously from the
+//! loop thread and re-arms from there (after repeated failures, the per-pid
+//! fallback). Pidfd polls do not depend on the submitter.
 //!
 //! # Known limitation: pid reuse
 //!
@@ -93,7 +126,9 @@
 //!
 //! The default on Linux 6.7+: O(1) per exit, no thread, no signal handler, no
 //! stolen children (only registered pids are ever reaped), and no failure
-//! when descriptors run short.
+//! when descriptors run short. Beyond the descriptor budget, O(1) per exit
+//! holds on proactor loops while no foreign zombie lingers; on a selector
+//! loop or with no loop, overflow children cost O(pending) per exit.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -1261,15 +1296,19 @@ impl Drop for LoopWatch {
 /// Watches children with io_uring only: `IORING_OP_POLL_ADD` on each child's
 /// pidfd while the watcher holds fewer pidfds than its descriptor budget
 /// (default: half of the soft `RLIMIT_NOFILE`), `IORING_OP_WAITID` (Linux
-/// 6.7+, no descriptor) beyond it or when `pidfd_open` fails with `EMFILE`.
+/// 6.7+, no descriptor) beyond it or when `pidfd_open` fails with `EMFILE`:
+/// one shared sentinel per proactor loop, else one per child.
 ///
 /// **Cost.** Every pending `WAITID` sits on the parent's single child-exit
-/// wait queue, so each exit makes the kernel check all of them: measured on
-/// Linux 6.18, kill + reap of 10,000 live children took 2.18 s through
-/// `WAITID` against 0.90 s through pidfd polls (~130 µs of extra kernel work
-/// per exit at 10,000 pending; through this watcher: 1.49 s against 0.63 s).
-/// Hence pidfds first: O(1) per exit within the budget, and never a failure
-/// at the descriptor limit.
+/// wait queue, so each exit makes the kernel check all of them (~130 µs of
+/// extra kernel work per exit at 10,000 pending). Hence pidfds first, and
+/// beyond the budget on a proactor loop a single *sentinel* `WAITID(P_ALL,
+/// WNOWAIT)` per loop that reaps nothing itself: the loop thread then reaps
+/// exactly the zombies registered with this watcher. O(1) per exit either
+/// way, and never a failure at the descriptor limit. A zombie child *not*
+/// registered here is never reaped: while one is around, that loop's
+/// overflow children fall back to one `WAITID(P_PID)` each (O(pending) per
+/// exit, as on the watcher's own ring). See the module documentation.
 ///
 /// **Which ring, which thread.** With a proactor loop running at
 /// `add_child_handler` time, the operation goes on that loop's ring. With a
