@@ -1088,3 +1088,56 @@ fn sentinel_mixed_pidfd_and_overflow_no_double_delivery() {
         w.close();
     }
 }
+
+/// Two proactor loops on two threads, each with its own sentinel and its
+/// own overflow children: a sweep on one loop may reap the other loop's
+/// children; each status must still reach its callback exactly once, on the
+/// thread of the loop that registered it.
+#[test]
+fn sentinel_two_loops_each_gets_its_own_children() {
+    let _g = shared();
+    let w = Arc::new(watcher(0));
+    let res = Results::new();
+    let groups: Vec<Vec<Pid>> = (0..2)
+        .map(|_| (0..60).map(|_| sleeper()).collect())
+        .collect();
+    let barrier = Arc::new(std::sync::Barrier::new(3));
+    let handles: Vec<_> = groups
+        .iter()
+        .cloned()
+        .map(|pids| {
+            let (w, res, barrier) = (Arc::clone(&w), Arc::clone(&res), Arc::clone(&barrier));
+            thread::spawn(move || {
+                let env = Env::new(Mode::Proactor);
+                env.drive(
+                    || {
+                        for &pid in &pids {
+                            w.add_child_handler(pid, res.callback()).unwrap();
+                        }
+                        barrier.wait();
+                    },
+                    || pids.iter().all(|&p| !res.get(p).is_empty()),
+                );
+                env.idle(Duration::from_millis(20));
+                thread::current().id()
+            })
+        })
+        .collect();
+    barrier.wait();
+    for &pid in groups.iter().flatten() {
+        kill(pid, libc::SIGKILL);
+    }
+    let tids: Vec<ThreadId> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let map = res.map.lock().unwrap();
+    for (pids, tid) in groups.iter().zip(&tids) {
+        for pid in pids {
+            let got = &map[pid];
+            assert_eq!(got.len(), 1, "pid {pid}: delivered {} times", got.len());
+            assert_eq!(got[0].0, -9, "pid {pid}");
+            assert_eq!(got[0].1, *tid, "pid {pid}: callback on the wrong loop");
+        }
+    }
+    drop(map);
+    assert_eq!(res.total(), 120);
+    w.close();
+}
