@@ -28,9 +28,9 @@ use std::thread::JoinHandle;
 use rustix::event::{EventfdFlags, eventfd};
 use signal_hook_registry::SigId;
 
-use super::registry::{Added, Handler, Registry, Target};
+use super::registry::{Added, Registry, Target};
 use super::status::{rpid, try_reap};
-use super::{ChildCallback, ChildWatcher, Pid, ReturnCode};
+use super::{ChildCallback, ChildWatcher, Pid};
 use crate::event_loop::EventLoop;
 
 struct Inner {
@@ -43,27 +43,7 @@ struct Inner {
 
 impl Inner {
     fn check(&self, pids: &[Pid]) {
-        let mut done: Vec<(Handler, Pid, ReturnCode)> = Vec::new();
-        {
-            let _g = self.reap.lock().unwrap_or_else(|p| p.into_inner());
-            for &pid in pids {
-                if !self.registry.contains(pid) {
-                    continue;
-                }
-                match try_reap(pid) {
-                    Ok(Some(rc)) => {
-                        if let Some(h) = self.registry.take(pid) {
-                            done.push((h, pid, rc));
-                        }
-                    }
-                    Ok(None) => {}
-                    Err(e) => tracing::warn!("waitpid({pid}) failed: {e}"),
-                }
-            }
-        }
-        for (h, pid, rc) in done {
-            h.deliver(pid, rc);
-        }
+        self.registry.poll_each(&self.reap, pids, try_reap);
     }
 
     /// The helper thread: sleep on the eventfd, sweep, repeat.

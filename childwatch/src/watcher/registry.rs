@@ -207,6 +207,42 @@ impl Registry {
         n
     }
 
+    /// Polls each of `pids` that is still registered with `reap` (a
+    /// non-blocking wait: `Ok(None)` while the child runs) and delivers the
+    /// ones that exited: the O(n) sweep of Safe and MultiLoop. `reap_lock` is
+    /// held across each reap and the removal of its handler, so two sweeps
+    /// never race (the loser would see ECHILD and report 255); callbacks are
+    /// delivered after it is released.
+    #[cfg(unix)]
+    pub(crate) fn poll_each(
+        &self,
+        reap_lock: &Mutex<()>,
+        pids: &[Pid],
+        reap: impl Fn(Pid) -> std::io::Result<Option<ReturnCode>>,
+    ) {
+        let mut done: Vec<(Handler, Pid, ReturnCode)> = Vec::new();
+        {
+            let _g = reap_lock.lock().unwrap_or_else(|p| p.into_inner());
+            for &pid in pids {
+                if !self.contains(pid) {
+                    continue;
+                }
+                match reap(pid) {
+                    Ok(Some(rc)) => {
+                        if let Some(h) = self.take(pid) {
+                            done.push((h, pid, rc));
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!("waitpid({pid}) failed: {e}"),
+                }
+            }
+        }
+        for (h, pid, rc) in done {
+            h.deliver(pid, rc);
+        }
+    }
+
     /// Forgets kept exits (Fast's zombies once a spawn section ends).
     #[cfg_attr(windows, allow(dead_code))] // used by the unix watchers
     pub(crate) fn clear_early(&self) -> Vec<(Pid, ReturnCode)> {
@@ -258,6 +294,28 @@ mod tests {
         assert_eq!(*log.lock().unwrap(), vec![(20, -9, "a")]);
         assert_eq!(r.clear(), 1);
         assert_eq!(r.len(), 0);
+    }
+
+    #[test]
+    #[cfg(unix)]
+    fn poll_each_delivers_only_registered_exits() {
+        let (log, cb) = recorder();
+        let r = Registry::default();
+        r.add(40, cb("exited"), Target::AnyThread);
+        r.add(41, cb("running"), Target::AnyThread);
+        let lock = Mutex::new(());
+        let reaped = Mutex::new(Vec::new());
+        r.poll_each(&lock, &[40, 41, 42], |pid| {
+            reaped.lock().unwrap().push(pid);
+            Ok((pid == 40).then_some(3))
+        });
+        assert_eq!(
+            *reaped.lock().unwrap(),
+            vec![40, 41],
+            "unregistered 42 not waited on"
+        );
+        assert_eq!(*log.lock().unwrap(), vec![(40, 3, "exited")]);
+        assert!(r.contains(41) && !r.contains(40));
     }
 
     #[test]

@@ -20,9 +20,9 @@ use std::io;
 use std::sync::{Arc, Mutex};
 
 use super::attach::{Attachment, Sweeper, attach_sweeper, close_sweeper};
-use super::registry::{Added, Handler, Registry, Target};
+use super::registry::{Added, Registry, Target};
 use super::status::{rpid, try_reap};
-use super::{ChildCallback, ChildWatcher, Pid, ReturnCode};
+use super::{ChildCallback, ChildWatcher, Pid};
 use crate::event_loop::EventLoop;
 
 #[derive(Debug)]
@@ -50,27 +50,7 @@ impl Inner {
     /// Polls the given pids; delivers (through the attached loop) the ones
     /// that exited.
     fn check(&self, pids: &[Pid]) {
-        let mut done: Vec<(Handler, Pid, ReturnCode)> = Vec::new();
-        {
-            let _g = self.reap.lock().unwrap_or_else(|p| p.into_inner());
-            for &pid in pids {
-                if !self.registry.contains(pid) {
-                    continue;
-                }
-                match try_reap(pid) {
-                    Ok(Some(rc)) => {
-                        if let Some(h) = self.registry.take(pid) {
-                            done.push((h, pid, rc));
-                        }
-                    }
-                    Ok(None) => {}
-                    Err(e) => tracing::warn!("waitpid({pid}) failed: {e}"),
-                }
-            }
-        }
-        for (h, pid, rc) in done {
-            h.deliver(pid, rc);
-        }
+        self.registry.poll_each(&self.reap, pids, try_reap);
     }
 
     fn sweep_now(&self) {
