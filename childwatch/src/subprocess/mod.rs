@@ -64,6 +64,7 @@
 //! runs `cmd.exe /c "cmd"`; `terminate`, `kill` and `send_signal(SIGTERM or
 //! SIGKILL)` call `TerminateProcess(h, 1)`, so the returncode is 1.
 
+mod child_io;
 #[cfg(unix)]
 mod pipes;
 #[cfg(windows)]
@@ -89,7 +90,7 @@ use std::task::{Context, Poll, Waker};
 
 use slab::Slab;
 
-pub use pipes::{ChildStderr, ChildStdin, ChildStdout};
+pub use child_io::{ChildStderr, ChildStdin, ChildStdout};
 use spawn::StdioKind;
 
 use crate::event_loop::{EventLoop, get_running_loop};

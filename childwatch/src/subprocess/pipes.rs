@@ -1,5 +1,6 @@
-//! The parent's ends of a child's pipes: [`ChildStdin`] (`AsyncWrite`),
-//! [`ChildStdout`] and [`ChildStderr`] (`AsyncRead`).
+//! The Unix `Reader` and `Writer` behind the public `ChildStdin`
+//! (`AsyncWrite`), `ChildStdout` and `ChildStderr` (`AsyncRead`) of
+//! `child_io.rs`.
 //!
 //! A pipe works through the loop that spawned the child, in that loop's own
 //! style:
@@ -19,7 +20,7 @@
 //!
 //! Every descriptor is `O_CLOEXEC`, so no pipe end leaks into other children.
 //! A write to a pipe whose reader is gone (or after `poll_close`) is a
-//! `BrokenPipe` error. `poll_close` on [`ChildStdin`] closes the descriptor,
+//! `BrokenPipe` error. `poll_close` on `ChildStdin` closes the descriptor,
 //! which is how the child sees end-of-file.
 //!
 //! A pipe belongs to its loop's thread (it is `!Send`, like the loop).
@@ -29,8 +30,6 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
-
-use futures_io::{AsyncRead, AsyncWrite};
 
 use crate::event_loop::EventLoop;
 use crate::event_loop::proactor::{Op, Proactor};
@@ -53,7 +52,7 @@ enum ReadIo {
 }
 
 /// The reading end, shared by stdout and stderr.
-struct Reader {
+pub(crate) struct Reader {
     // Field order matters: the IO state (an in-flight op, an epoll
     // registration) is dropped before the descriptor it refers to.
     io: ReadIo,
@@ -94,7 +93,7 @@ fn register(sel: &crate::event_loop::selector::Selector, fd: &OwnedFd) -> io::Re
 }
 
 impl Reader {
-    fn new(lp: &EventLoop, fd: OwnedFd) -> io::Result<Reader> {
+    pub(crate) fn new(lp: &EventLoop, fd: OwnedFd) -> io::Result<Reader> {
         let io = match backend(lp)? {
             Backend::Proactor(proactor) => ReadIo::Proactor {
                 proactor,
@@ -108,7 +107,11 @@ impl Reader {
         Ok(Reader { io, fd })
     }
 
-    fn poll_read(&mut self, cx: &mut Context<'_>, out: &mut [u8]) -> Poll<io::Result<usize>> {
+    pub(crate) fn poll_read(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
         let fd = self.fd.as_raw_fd();
         match &mut self.io {
             ReadIo::Proactor {
@@ -191,7 +194,7 @@ struct WriterState {
 }
 
 /// The writing end of stdin; `None` once closed.
-struct Writer {
+pub(crate) struct Writer {
     state: Option<WriterState>,
 }
 
@@ -280,7 +283,12 @@ impl WriterState {
 }
 
 impl Writer {
-    fn new(lp: &EventLoop, fd: OwnedFd) -> io::Result<Writer> {
+    /// Whether `poll_close` closed the pipe.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.state.is_none()
+    }
+
+    pub(crate) fn new(lp: &EventLoop, fd: OwnedFd) -> io::Result<Writer> {
         let io = match backend(lp)? {
             Backend::Proactor(proactor) => WriteIo::Proactor {
                 proactor,
@@ -294,21 +302,25 @@ impl Writer {
         })
     }
 
-    fn poll_write(&mut self, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+    pub(crate) fn poll_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
         match &mut self.state {
             Some(st) => st.poll_write(cx, data),
             None => Poll::Ready(Err(closed_error())),
         }
     }
 
-    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    pub(crate) fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match &mut self.state {
             Some(st) => st.drive(cx),
             None => Poll::Ready(Ok(())),
         }
     }
 
-    fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    pub(crate) fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let res = match &mut self.state {
             Some(st) => ready!(st.drive(cx)),
             None => return Poll::Ready(Ok(())),
@@ -319,101 +331,12 @@ impl Writer {
     }
 }
 
-/// The parent's end of the child's stdin: [`futures_io::AsyncWrite`].
-///
-/// On the proactor loop a write is accepted into an owned buffer and
-/// completes in the background; call `flush` (or `close`) to learn that it
-/// reached the pipe. Closing (or dropping) it gives the child end-of-file.
-pub struct ChildStdin {
-    inner: Writer,
-}
+/// What a pipe end is made from on this platform.
+pub(crate) type RawPipe = OwnedFd;
 
-/// The parent's end of the child's stdout: [`futures_io::AsyncRead`].
-pub struct ChildStdout {
-    inner: Reader,
-}
-
-/// The parent's end of the child's stderr: [`futures_io::AsyncRead`].
-pub struct ChildStderr {
-    inner: Reader,
-}
-
-impl ChildStdin {
-    pub(crate) fn new(lp: &EventLoop, fd: OwnedFd) -> io::Result<ChildStdin> {
-        Ok(ChildStdin {
-            inner: Writer::new(lp, fd)?,
-        })
-    }
-
-    /// Whether `close` was called.
-    pub fn is_closed(&self) -> bool {
-        self.inner.state.is_none()
-    }
-}
-
-impl ChildStdout {
-    pub(crate) fn new(lp: &EventLoop, fd: OwnedFd) -> io::Result<ChildStdout> {
-        Ok(ChildStdout {
-            inner: Reader::new(lp, fd)?,
-        })
-    }
-}
-
-impl ChildStderr {
-    pub(crate) fn new(lp: &EventLoop, fd: OwnedFd) -> io::Result<ChildStderr> {
-        Ok(ChildStderr {
-            inner: Reader::new(lp, fd)?,
-        })
-    }
-}
-
-impl AsyncWrite for ChildStdin {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        self.get_mut().inner.poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.get_mut().inner.poll_flush(cx)
-    }
-
-    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.get_mut().inner.poll_close(cx)
-    }
-}
-
-impl AsyncRead for ChildStdout {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut [u8],
-    ) -> Poll<io::Result<usize>> {
-        self.get_mut().inner.poll_read(cx, buf)
-    }
-}
-
-impl AsyncRead for ChildStderr {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut [u8],
-    ) -> Poll<io::Result<usize>> {
-        self.get_mut().inner.poll_read(cx, buf)
-    }
-}
-
-impl AsRawFd for ChildStdout {
+impl AsRawFd for Reader {
     fn as_raw_fd(&self) -> RawFd {
-        self.inner.fd.as_raw_fd()
-    }
-}
-
-impl AsRawFd for ChildStderr {
-    fn as_raw_fd(&self) -> RawFd {
-        self.inner.fd.as_raw_fd()
+        self.fd.as_raw_fd()
     }
 }
 
@@ -421,10 +344,10 @@ fn io_kind(io_proactor: bool) -> &'static str {
     if io_proactor { "proactor" } else { "selector" }
 }
 
-impl fmt::Debug for ChildStdin {
+impl fmt::Debug for Writer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut d = f.debug_struct("ChildStdin");
-        match &self.inner.state {
+        let mut d = f.debug_struct("Pipe");
+        match &self.state {
             Some(st) => d
                 .field("fd", &st.fd.as_raw_fd())
                 .field("io", &io_kind(matches!(st.io, WriteIo::Proactor { .. }))),
@@ -440,17 +363,5 @@ impl fmt::Debug for Reader {
             .field("fd", &self.fd.as_raw_fd())
             .field("io", &io_kind(matches!(self.io, ReadIo::Proactor { .. })))
             .finish()
-    }
-}
-
-impl fmt::Debug for ChildStdout {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("ChildStdout").field(&self.inner).finish()
-    }
-}
-
-impl fmt::Debug for ChildStderr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("ChildStderr").field(&self.inner).finish()
     }
 }

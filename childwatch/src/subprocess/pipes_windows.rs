@@ -1,5 +1,6 @@
-//! The parent's ends of a child's pipes on Windows: [`ChildStdin`]
-//! (`AsyncWrite`), [`ChildStdout`] and [`ChildStderr`] (`AsyncRead`).
+//! The Windows `Reader` and `Writer` behind the public `ChildStdin`
+//! (`AsyncWrite`), `ChildStdout` and `ChildStderr` (`AsyncRead`) of
+//! `child_io.rs`.
 //!
 //! Windows anonymous pipes cannot do overlapped IO, so each pipe is a named
 //! pipe with a unique name (`\\.\pipe\childwatch-<pid>-<n>`, created with
@@ -28,7 +29,6 @@ use std::ptr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 
-use futures_io::{AsyncRead, AsyncWrite};
 use windows_sys::Win32::Foundation::{
     ERROR_BROKEN_PIPE, ERROR_PIPE_NOT_CONNECTED, GENERIC_READ, GENERIC_WRITE, INVALID_HANDLE_VALUE,
 };
@@ -134,7 +134,7 @@ fn is_eof(e: &io::Error) -> bool {
 }
 
 /// A pipe we read from.
-struct Reader {
+pub(crate) struct Reader {
     /// Declared before `handle`: a pending read is cancelled (and its
     /// buffer handed to the loop's op table) before the handle closes.
     op: Option<Op<Vec<u8>>>,
@@ -146,7 +146,7 @@ struct Reader {
 }
 
 impl Reader {
-    fn new(lp: &EventLoop, handle: OwnedHandle) -> io::Result<Reader> {
+    pub(crate) fn new(lp: &EventLoop, handle: OwnedHandle) -> io::Result<Reader> {
         let iocp = iocp_of(lp)?;
         iocp.register(handle.as_raw_handle())?;
         Ok(Reader {
@@ -159,7 +159,11 @@ impl Reader {
         })
     }
 
-    fn poll_read(&mut self, cx: &mut Context<'_>, out: &mut [u8]) -> Poll<io::Result<usize>> {
+    pub(crate) fn poll_read(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
         loop {
             if self.pos < self.buf.len() {
                 let n = out.len().min(self.buf.len() - self.pos);
@@ -211,7 +215,7 @@ fn closed_error() -> io::Error {
 }
 
 /// A pipe we write to.
-struct Writer {
+pub(crate) struct Writer {
     /// Declared before `handle`, for the same reason as in [`Reader`].
     op: Option<(Op<Vec<u8>>, usize)>,
     handle: Option<OwnedHandle>,
@@ -220,7 +224,17 @@ struct Writer {
 }
 
 impl Writer {
-    fn new(lp: &EventLoop, handle: OwnedHandle) -> io::Result<Writer> {
+    /// Whether `poll_close` closed the pipe.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.handle.is_none()
+    }
+
+    /// Waits for the write in flight (`AsyncWrite::poll_flush`).
+    pub(crate) fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.drive(cx)
+    }
+
+    pub(crate) fn new(lp: &EventLoop, handle: OwnedHandle) -> io::Result<Writer> {
         let iocp = iocp_of(lp)?;
         iocp.register(handle.as_raw_handle())?;
         Ok(Writer {
@@ -256,7 +270,11 @@ impl Writer {
         }
     }
 
-    fn poll_write(&mut self, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+    pub(crate) fn poll_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
         ready!(self.drive(cx))?;
         let Some(h) = &self.handle else {
             return Poll::Ready(Err(closed_error()));
@@ -269,113 +287,27 @@ impl Writer {
         Poll::Ready(Ok(data.len()))
     }
 
-    fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    pub(crate) fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let res = ready!(self.drive(cx));
         self.handle = None;
         Poll::Ready(res)
     }
 }
 
-/// The child's stdin: `futures_io::AsyncWrite`. `poll_close` (or dropping
-/// it) closes the pipe, which is how the child sees end-of-file.
-pub struct ChildStdin {
-    inner: Writer,
-}
+/// What a pipe end is made from on this platform.
+pub(crate) type RawPipe = OwnedHandle;
 
-/// The child's stdout: `futures_io::AsyncRead`.
-pub struct ChildStdout {
-    inner: Reader,
-}
-
-/// The child's stderr: `futures_io::AsyncRead`.
-pub struct ChildStderr {
-    inner: Reader,
-}
-
-impl ChildStdin {
-    pub(crate) fn new(lp: &EventLoop, handle: OwnedHandle) -> io::Result<ChildStdin> {
-        Ok(ChildStdin {
-            inner: Writer::new(lp, handle)?,
-        })
-    }
-
-    /// Whether `poll_close` closed the pipe.
-    pub fn is_closed(&self) -> bool {
-        self.inner.handle.is_none()
-    }
-}
-
-impl ChildStdout {
-    pub(crate) fn new(lp: &EventLoop, handle: OwnedHandle) -> io::Result<ChildStdout> {
-        Ok(ChildStdout {
-            inner: Reader::new(lp, handle)?,
-        })
-    }
-}
-
-impl ChildStderr {
-    pub(crate) fn new(lp: &EventLoop, handle: OwnedHandle) -> io::Result<ChildStderr> {
-        Ok(ChildStderr {
-            inner: Reader::new(lp, handle)?,
-        })
-    }
-}
-
-impl AsyncWrite for ChildStdin {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        self.inner.poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.inner.drive(cx)
-    }
-
-    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.inner.poll_close(cx)
-    }
-}
-
-impl AsyncRead for ChildStdout {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut [u8],
-    ) -> Poll<io::Result<usize>> {
-        self.inner.poll_read(cx, buf)
-    }
-}
-
-impl AsyncRead for ChildStderr {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut [u8],
-    ) -> Poll<io::Result<usize>> {
-        self.inner.poll_read(cx, buf)
-    }
-}
-
-impl AsRawHandle for ChildStdout {
+impl AsRawHandle for Reader {
     fn as_raw_handle(&self) -> RawHandle {
-        self.inner.handle.as_raw_handle()
+        self.handle.as_raw_handle()
     }
 }
 
-impl AsRawHandle for ChildStderr {
-    fn as_raw_handle(&self) -> RawHandle {
-        self.inner.handle.as_raw_handle()
-    }
-}
-
-impl fmt::Debug for ChildStdin {
+impl fmt::Debug for Writer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ChildStdin")
+        f.debug_struct("Pipe")
             .field("closed", &self.is_closed())
-            .field("write_in_flight", &self.inner.op.is_some())
+            .field("write_in_flight", &self.op.is_some())
             .finish()
     }
 }
@@ -390,18 +322,6 @@ impl fmt::Debug for Reader {
     }
 }
 
-impl fmt::Debug for ChildStdout {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("ChildStdout").field(&self.inner).finish()
-    }
-}
-
-impl fmt::Debug for ChildStderr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("ChildStderr").field(&self.inner).finish()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -409,6 +329,7 @@ mod tests {
     use futures_util::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
+    use crate::subprocess::{ChildStdin, ChildStdout};
 
     #[test]
     fn bytes_flow_both_ways_and_close_is_eof() {

@@ -287,9 +287,9 @@ pub(crate) fn shell_command(cmd: &str) -> (OsString, Vec<OsString>) {
 mod tests {
     use futures_util::AsyncReadExt;
 
-    use super::super::pipes::ChildStdout;
     use super::*;
     use crate::EventLoop;
+    use crate::subprocess::ChildStdout;
 
     fn spec<'a>(program: &'a OsStr, args: &'a [OsString]) -> Spec<'a> {
         Spec {
