@@ -43,7 +43,7 @@ use std::ptr;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use slab::Slab;
@@ -62,6 +62,7 @@ use windows_sys::Win32::System::Threading::{
 };
 
 use super::notify::{Notifier, WakeTarget};
+use super::op_state::{OnCompletion, OnDrop, OpState};
 
 /// Completion key of the loop's wake-up packets.
 pub(crate) const WAKE_KEY: usize = 1;
@@ -198,17 +199,9 @@ unsafe fn finish_wait(wait: HANDLE, ctx: *const WaitCtx) {
     drop(unsafe { Arc::from_raw(ctx) });
 }
 
-enum OpState {
-    /// In the kernel (or the thread pool); the future's waker, if polled.
-    Pending(Option<Waker>),
-    /// The completion arrived: bytes transferred, or the error.
-    Done(io::Result<u32>),
-    /// The future was dropped before completion; free on completion.
-    Abandoned,
-}
-
+/// `Done` holds the bytes transferred, or the error.
 struct OpSlot {
-    state: OpState,
+    state: OpState<io::Result<u32>>,
     /// From `Box::into_raw`; null once leaked.
     header: *mut Header,
     resources: Option<Box<dyn Any>>,
@@ -217,7 +210,7 @@ struct OpSlot {
 
 impl OpSlot {
     fn in_flight(&self) -> bool {
-        !matches!(self.state, OpState::Done(_))
+        self.state.in_flight()
     }
 
     /// Never frees what the kernel may still write to.
@@ -318,7 +311,7 @@ impl Iocp {
             key: 0,
         }));
         let key = self.inner.ops.borrow_mut().insert(OpSlot {
-            state: OpState::Pending(None),
+            state: OpState::new(),
             header,
             resources: None,
             source,
@@ -364,7 +357,7 @@ impl Iocp {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(ERROR_IO_PENDING as i32) => {}
             Err(e) => {
-                slot.state = OpState::Done(Err(e));
+                let _ = slot.state.complete(Err(e));
                 slot.source = Source::None;
             }
         }
@@ -488,14 +481,17 @@ impl Iocp {
                 if won {
                     // The callback will never post: finish here.
                     slot.source = Source::None;
-                    let state = std::mem::replace(&mut slot.state, OpState::Done(Err(aborted())));
-                    if matches!(state, OpState::Abandoned) {
-                        ops.remove(key);
-                    }
+                    let waker = match slot.state.complete(Err(aborted())) {
+                        OnCompletion::Wake(w) => w,
+                        OnCompletion::Free => {
+                            ops.remove(key);
+                            None
+                        }
+                    };
                     drop(ops);
                     // SAFETY: from the registration, used once.
                     unsafe { finish_wait(wait, ctx) };
-                    if let OpState::Pending(Some(w)) = state {
+                    if let Some(w) = waker {
                         w.wake();
                     }
                 }
@@ -583,12 +579,11 @@ impl Iocp {
                     Ok(entry.dwNumberOfBytesTransferred)
                 };
                 slot.source = Source::None;
-                match std::mem::replace(&mut slot.state, OpState::Done(res)) {
-                    OpState::Pending(w) => wakers.extend(w),
-                    OpState::Abandoned => {
+                match slot.state.complete(res) {
+                    OnCompletion::Wake(w) => wakers.extend(w),
+                    OnCompletion::Free => {
                         ops.remove(key);
                     }
-                    OpState::Done(_) => {}
                 }
             }
         }
@@ -649,11 +644,7 @@ impl Iocp {
             if slot.in_flight() {
                 slot.leak();
                 leaked += 1;
-                if let OpState::Pending(Some(w)) =
-                    std::mem::replace(&mut slot.state, OpState::Done(Err(aborted())))
-                {
-                    wakers.push(w);
-                }
+                wakers.extend(slot.state.fail(Err(aborted())));
             }
         }
         for w in wakers {
@@ -721,34 +712,21 @@ impl<R: 'static> Future for Op<R> {
         let Some(slot) = ops.get_mut(this.key) else {
             return Poll::Pending;
         };
-        match &mut slot.state {
-            OpState::Done(_) => {
-                let mut slot = ops.remove(this.key);
-                drop(ops);
-                this.finished = true;
-                let res = match std::mem::replace(&mut slot.state, OpState::Abandoned) {
-                    OpState::Done(r) => r,
-                    _ => Err(aborted()),
-                };
-                let resources = slot
-                    .resources
-                    .take()
-                    .and_then(|b| b.downcast::<R>().ok())
-                    .map(|b| *b);
-                match resources {
-                    Some(r) => Poll::Ready((res, r)),
-                    // The buffers were leaked at shutdown: nothing to return.
-                    None => Poll::Pending,
-                }
-            }
-            OpState::Pending(w) => {
-                match w {
-                    Some(w) if w.will_wake(cx.waker()) => {}
-                    _ => *w = Some(cx.waker().clone()),
-                }
-                Poll::Pending
-            }
-            OpState::Abandoned => Poll::Pending,
+        let Some(res) = slot.state.poll_done(cx) else {
+            return Poll::Pending;
+        };
+        let mut slot = ops.remove(this.key);
+        drop(ops);
+        this.finished = true;
+        let resources = slot
+            .resources
+            .take()
+            .and_then(|b| b.downcast::<R>().ok())
+            .map(|b| *b);
+        match resources {
+            Some(r) => Poll::Ready((res, r)),
+            // The buffers were leaked at shutdown: nothing to return.
+            None => Poll::Pending,
         }
     }
 }
@@ -762,16 +740,15 @@ impl<R: 'static> Drop for Op<R> {
         let Some(slot) = ops.get_mut(self.key) else {
             return;
         };
-        match slot.state {
-            OpState::Done(_) => {
+        match slot.state.abandon() {
+            OnDrop::Free => {
                 ops.remove(self.key);
             }
-            OpState::Pending(_) => {
-                slot.state = OpState::Abandoned;
+            OnDrop::Cancel => {
                 drop(ops);
                 self.iocp.cancel(self.key);
             }
-            OpState::Abandoned => {}
+            OnDrop::Keep => {}
         }
     }
 }

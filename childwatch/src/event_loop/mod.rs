@@ -27,6 +27,8 @@
 #[cfg(windows)]
 pub(crate) mod iocp;
 mod notify;
+#[cfg(any(target_os = "linux", windows))]
+mod op_state;
 #[cfg(target_os = "linux")]
 pub(crate) mod proactor;
 #[cfg(any(unix, windows))]

@@ -31,13 +31,14 @@ use std::marker::PhantomData;
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::rc::Rc;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use io_uring::{IoUring, opcode, squeue, types};
 use slab::Slab;
 
 use super::notify::Notifier;
+use super::op_state::{OnCompletion, OnDrop, OpState};
 
 /// `user_data` of the wake-up poll on the notifier eventfd.
 const WAKE_TAG: u64 = u64::MAX;
@@ -50,17 +51,9 @@ const SQ_ENTRIES: u32 = 1024;
 /// leaks their resources instead of freeing them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
-enum OpState {
-    /// In the kernel; the future (if polled) left its waker.
-    Pending(Option<Waker>),
-    /// The CQE arrived: result (>= 0) or negative errno, and CQE flags.
-    Done(i32),
-    /// The future was dropped before completion; free on completion.
-    Abandoned,
-}
-
+/// `Done` holds the CQE's result: >= 0, or a negative errno.
 struct OpSlot {
-    state: OpState,
+    state: OpState<i32>,
     resources: Option<Box<dyn Any>>,
 }
 
@@ -132,14 +125,16 @@ impl Proactor {
     /// stay open until the operation completes or is cancelled.
     pub(crate) unsafe fn submit<R: 'static>(&self, entry: squeue::Entry, resources: R) -> Op<R> {
         if self.inner.shut_down.get() {
+            let mut state = OpState::new();
+            let _ = state.complete(-libc::ECANCELED);
             let key = self.inner.ops.borrow_mut().insert(OpSlot {
-                state: OpState::Done(-libc::ECANCELED),
+                state,
                 resources: Some(Box::new(resources)),
             });
             return Op::new(self.clone(), key);
         }
         let key = self.inner.ops.borrow_mut().insert(OpSlot {
-            state: OpState::Pending(None),
+            state: OpState::new(),
             resources: Some(Box::new(resources)),
         });
         // SAFETY: forwarded from this function's contract; the resources now
@@ -305,16 +300,11 @@ impl Proactor {
                         let Some(slot) = ops.get_mut(key) else {
                             continue;
                         };
-                        match std::mem::replace(&mut slot.state, OpState::Done(res)) {
-                            OpState::Pending(w) => {
-                                if let Some(w) = w {
-                                    wakers.push(w);
-                                }
-                            }
-                            OpState::Abandoned => {
+                        match slot.state.complete(res) {
+                            OnCompletion::Wake(w) => wakers.extend(w),
+                            OnCompletion::Free => {
                                 ops.remove(key);
                             }
-                            OpState::Done(_) => {}
                         }
                     }
                 }
@@ -333,7 +323,7 @@ impl Proactor {
             .ops
             .borrow()
             .iter()
-            .filter(|(_, s)| !matches!(s.state, OpState::Done(_)))
+            .filter(|(_, s)| s.state.in_flight())
             .count()
     }
 
@@ -349,7 +339,7 @@ impl Proactor {
             .ops
             .borrow()
             .iter()
-            .filter(|(_, s)| !matches!(s.state, OpState::Done(_)))
+            .filter(|(_, s)| s.state.in_flight())
             .map(|(k, _)| k)
             .collect();
         for k in keys {
@@ -375,15 +365,13 @@ impl Proactor {
         let mut ops = self.inner.ops.borrow_mut();
         let mut leaked = 0usize;
         for (_, slot) in ops.iter_mut() {
-            if !matches!(slot.state, OpState::Done(_)) {
+            if slot.state.in_flight() {
                 // The kernel may still write into these: never free them.
                 if let Some(r) = slot.resources.take() {
                     std::mem::forget(r);
                     leaked += 1;
                 }
-                if let OpState::Pending(Some(w)) =
-                    std::mem::replace(&mut slot.state, OpState::Done(-libc::ECANCELED))
-                {
+                if let Some(w) = slot.state.fail(-libc::ECANCELED) {
                     w.wake();
                 }
             }
@@ -402,7 +390,7 @@ impl Drop for Inner {
         // `shutdown` ran from the loop's close; if it did not (a proactor
         // outside a loop), leak whatever is still in the kernel.
         for (_, slot) in self.ops.get_mut().iter_mut() {
-            if !matches!(slot.state, OpState::Done(_)) {
+            if slot.state.in_flight() {
                 if let Some(r) = slot.resources.take() {
                     std::mem::forget(r);
                 }
@@ -451,36 +439,25 @@ impl<R: 'static> Future for Op<R> {
             // Only reachable if polled after completion.
             return Poll::Pending;
         };
-        match &mut slot.state {
-            OpState::Done(res) => {
-                let res = *res;
-                let slot = ops.remove(this.key);
-                this.finished = true;
-                let resources = slot
-                    .resources
-                    .and_then(|b| b.downcast::<R>().ok())
-                    .map(|b| *b);
-                let Some(resources) = resources else {
-                    // The buffers were leaked at shutdown: report cancellation.
-                    drop(ops);
-                    return Poll::Pending;
-                };
-                let out = if res < 0 {
-                    Err(io::Error::from_raw_os_error(-res))
-                } else {
-                    Ok(res)
-                };
-                Poll::Ready((out, resources))
-            }
-            OpState::Pending(w) => {
-                match w {
-                    Some(w) if w.will_wake(cx.waker()) => {}
-                    _ => *w = Some(cx.waker().clone()),
-                }
-                Poll::Pending
-            }
-            OpState::Abandoned => Poll::Pending,
-        }
+        let Some(res) = slot.state.poll_done(cx) else {
+            return Poll::Pending;
+        };
+        let slot = ops.remove(this.key);
+        this.finished = true;
+        let resources = slot
+            .resources
+            .and_then(|b| b.downcast::<R>().ok())
+            .map(|b| *b);
+        let Some(resources) = resources else {
+            // The buffers were leaked at shutdown: nothing to return.
+            return Poll::Pending;
+        };
+        let out = if res < 0 {
+            Err(io::Error::from_raw_os_error(-res))
+        } else {
+            Ok(res)
+        };
+        Poll::Ready((out, resources))
     }
 }
 
@@ -493,18 +470,17 @@ impl<R: 'static> Drop for Op<R> {
         let Some(slot) = ops.get_mut(self.key) else {
             return;
         };
-        match slot.state {
-            OpState::Done(_) => {
+        match slot.state.abandon() {
+            OnDrop::Free => {
                 ops.remove(self.key);
             }
-            OpState::Pending(_) => {
-                slot.state = OpState::Abandoned;
+            OnDrop::Cancel => {
                 drop(ops);
                 if !self.proactor.inner.shut_down.get() {
                     self.proactor.cancel(self.key);
                 }
             }
-            OpState::Abandoned => {}
+            OnDrop::Keep => {}
         }
     }
 }
