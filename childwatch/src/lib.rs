@@ -28,6 +28,8 @@ pub mod event_loop;
 pub mod policy;
 #[cfg(any(target_os = "linux", windows))]
 pub mod subprocess;
+#[cfg(unix)]
+mod sys;
 pub mod watcher;
 
 pub use event_loop::{
@@ -52,6 +54,6 @@ pub use watcher::WindowsChildWatcher;
 pub use watcher::{ChildCallback, ChildWatcher, Pid, ReturnCode};
 #[cfg(unix)]
 pub use watcher::{
-    FastChildWatcher, MultiLoopChildWatcher, PidfdChildWatcher, SafeChildWatcher,
-    ThreadedChildWatcher,
+    ChildHandle, FastChildWatcher, MultiLoopChildWatcher, PidfdChildWatcher, Reaped,
+    SafeChildWatcher, ThreadedChildWatcher,
 };

@@ -35,15 +35,18 @@
 //!
 //! # Signals never reach a recycled pid
 //!
-//! Right after the spawn the process opens a pidfd for the child (and checks
-//! with a non-reaping `waitid` that it names our child). Until the
-//! watcher reaps it the child cannot be recycled, and after the reap the
-//! pidfd refers to a dead process (the kernel answers `ESRCH`, which is
-//! treated as "already exited"), so [`Process::send_signal`] through the
-//! pidfd can never hit another process. Where `pidfd_open` is not available
-//! (kernels before 5.3), the signal is sent with `kill(2)` only while the
-//! exit slot, under its lock, says the child has not been reported; that
-//! leaves the short window between the watcher's reap and its callback.
+//! The spawn makes one [`ChildHandle`](crate::ChildHandle) for the child and
+//! registers it with the watcher ([`ChildWatcher::add_child`]). The watchers
+//! of this crate reap the child only through that handle's gate, recording
+//! the status in the same step, and [`Process::send_signal`] decides under
+//! the same gate: while it holds it the child cannot be reaped, so its pid
+//! cannot be recycled, and after the reap the signal is a no-op. This holds
+//! with or without a pidfd; the child has at most one, opened by a watcher
+//! that polls it (Pidfd, Uring within its budget) and shared with the
+//! `Process`. With a watcher written elsewhere (which reaps on its own), the
+//! signal is sent only while the exit slot says the child has not been
+//! reported, which leaves the window between that watcher's reap and its
+//! callback.
 //!
 //! # Waiting never depends on the pipes
 //!
@@ -393,10 +396,10 @@ impl Command {
         }
         let spawned = spawn::spawn(&prepared)?;
         let pid = spawned.pid;
-        // What pins the child for signals: its pidfd on Linux, its process
-        // handle on Windows.
+        // What pins the child for signals: the gate its reap goes through
+        // on Unix, its process handle on Windows.
         #[cfg(unix)]
-        let os = open_pidfd(pid);
+        let os = crate::watcher::ChildHandle::new(pid)?; // a spawned pid is positive
         #[cfg(windows)]
         let os = spawned.child;
         let pipes = match wrap_pipes(&lp, spawned.stdin, spawned.stdout, spawned.stderr) {
@@ -411,7 +414,11 @@ impl Command {
             slot: Some(Arc::clone(&exit)),
         };
         let callback = Box::new(move |_pid: Pid, rc: ReturnCode| report.fire(rc));
-        if let Err(e) = watcher.add_child_handler(pid, callback) {
+        #[cfg(unix)]
+        let added = watcher.add_child(&os, callback);
+        #[cfg(windows)]
+        let added = watcher.add_child_handler(pid, callback);
+        if let Err(e) = added {
             drop(pipes);
             abandon_child(pid, &os);
             return Err(io::Error::new(
@@ -426,7 +433,7 @@ impl Command {
             stderr,
             pid,
             #[cfg(unix)]
-            pidfd: os,
+            child: os,
             #[cfg(windows)]
             child: os,
             exit,
@@ -473,37 +480,14 @@ fn wrap_pipes(
     Ok((stdin, stdout, stderr))
 }
 
-#[cfg(unix)]
-fn open_pidfd(pid: Pid) -> Option<OwnedFd> {
-    let rp = crate::watcher::status::rpid(pid).ok()?;
-    match rustix::process::pidfd_open(rp, rustix::process::PidfdFlags::empty()) {
-        Ok(fd) => {
-            // Is it still our child? Only a watcher on another thread that
-            // reaps every child (Fast) could have reaped it already, letting
-            // the pid be reused; then the pidfd names a stranger and waitid
-            // says ECHILD. NOWAIT: this never reaps.
-            use rustix::process::{WaitId, WaitIdOptions, waitid};
-            let opts = WaitIdOptions::EXITED | WaitIdOptions::NOHANG | WaitIdOptions::NOWAIT;
-            match waitid(WaitId::PidFd(std::os::fd::AsFd::as_fd(&fd)), opts) {
-                Err(rustix::io::Errno::CHILD) => None,
-                _ => Some(fd),
-            }
-        }
-        Err(e) => {
-            if e != rustix::io::Errno::NOSYS {
-                tracing::debug!("pidfd_open({pid}) failed ({e}); signals fall back to kill(2)");
-            }
-            None
-        }
-    }
-}
-
 /// Kills and reaps a child nobody else knows about (a spawn that failed
 /// after the child started).
 #[cfg(unix)]
-fn abandon_child(pid: Pid, pidfd: &Option<OwnedFd>) {
-    let _ = raw_signal(pid, pidfd.as_ref(), libc::SIGKILL);
-    let _ = crate::watcher::status::reap_blocking(pid);
+fn abandon_child(_pid: Pid, child: &crate::watcher::ChildHandle) {
+    let _ = child.send_signal(libc::SIGKILL);
+    if let Err(e) = child.wait_blocking() {
+        tracing::warn!("reaping the abandoned pid {}: {e}", child.pid());
+    }
 }
 
 /// Terminates a child nobody else knows about (a spawn that failed after
@@ -511,37 +495,6 @@ fn abandon_child(pid: Pid, pidfd: &Option<OwnedFd>) {
 #[cfg(windows)]
 fn abandon_child(_pid: Pid, child: &std::process::Child) {
     let _ = spawn::terminate(child);
-}
-
-/// Sends `sig` through the pidfd when there is one, else with `kill(2)`.
-/// `ESRCH` (already exited) is `Ok`.
-#[cfg(unix)]
-fn raw_signal(pid: Pid, pidfd: Option<&OwnedFd>, sig: i32) -> io::Result<()> {
-    // SAFETY: plain syscalls with integer arguments; a null siginfo asks the
-    // kernel to fill it in as kill(2) would.
-    let rc = unsafe {
-        match pidfd {
-            Some(fd) => libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                fd.as_raw_fd(),
-                sig,
-                std::ptr::null::<libc::siginfo_t>(),
-                0u32,
-            ) as i32,
-            None => libc::kill(pid, sig),
-        }
-    };
-    if rc == 0 {
-        return Ok(());
-    }
-    let e = io::Error::last_os_error();
-    match e.raw_os_error() {
-        Some(libc::ESRCH) => Ok(()),
-        _ => Err(io::Error::new(
-            e.kind(),
-            format!("cannot send signal {sig} to pid {pid}: {e}"),
-        )),
-    }
 }
 
 // ------------------------------------------------------------ exit slot
@@ -677,8 +630,9 @@ pub struct Process {
     /// The child's stderr, if it was [`Stdio::piped`].
     pub stderr: Option<ChildStderr>,
     pid: Pid,
+    /// The gate the child's reap goes through (and its pidfd, if any).
     #[cfg(unix)]
-    pidfd: Option<OwnedFd>,
+    child: crate::watcher::ChildHandle,
     /// Windows: the process handle (never waited on through std).
     #[cfg(windows)]
     child: std::process::Child,
@@ -696,7 +650,7 @@ impl fmt::Debug for Process {
             .field("stdout", &self.stdout)
             .field("stderr", &self.stderr);
         #[cfg(unix)]
-        d.field("pidfd", &self.pidfd.as_ref().map(|f| f.as_raw_fd()));
+        d.field("pidfd", &self.child.pidfd().map(|f| f.as_raw_fd()));
         d.finish()
     }
 }
@@ -707,11 +661,21 @@ impl Process {
         self.pid
     }
 
-    /// The pidfd held for the child, if the kernel gave one (Linux 5.3+):
-    /// it keeps naming this child, never a process that reused the pid.
+    /// The child's pidfd, if its watcher opened one (Pidfd, or Uring
+    /// within its descriptor budget) and the child is not reaped yet: it
+    /// keeps naming this child, never a process that reused the pid. The
+    /// child has at most one pidfd, shared by the watcher and the `Process`;
+    /// it closes at the reap (once every holder of the `Arc` drops it).
     #[cfg(unix)]
-    pub fn pidfd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
-        self.pidfd.as_ref().map(std::os::fd::AsFd::as_fd)
+    pub fn pidfd(&self) -> Option<Arc<OwnedFd>> {
+        self.child.pidfd()
+    }
+
+    /// The child's [`ChildHandle`](crate::ChildHandle): the gate its reap
+    /// and its signals go through.
+    #[cfg(unix)]
+    pub fn child_handle(&self) -> &crate::watcher::ChildHandle {
+        &self.child
     }
 
     /// Windows: the child's process handle, held for the `Process`'s
@@ -833,16 +797,23 @@ impl Process {
         if st.rc.is_some() {
             return Ok(());
         }
-        if st.lost && self.pidfd.is_none() {
-            // Nobody will tell us when the pid is reaped, so kill(2) could
-            // hit a recycled pid; only a pidfd is safe now.
-            return Err(io::Error::other(format!(
-                "the child watcher stopped watching pid {} and no pidfd is held; refusing \
-                 to signal a pid that may have been recycled",
-                self.pid
-            )));
+        if st.lost && self.child.pidfd().is_none() && self.child.returncode().is_none() {
+            // The watcher stopped watching: whoever reaps the child now may
+            // not use its gate, so kill(2) could hit a recycled pid. Pin the
+            // child with a pidfd (checked to name our unreaped child) first.
+            if let Err(e) = self.child.open_pidfd() {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!(
+                        "the child watcher stopped watching pid {} and no pidfd can be opened \
+                         ({e}); refusing to signal a pid that may have been recycled",
+                        self.pid
+                    ),
+                ));
+            }
         }
-        raw_signal(self.pid, self.pidfd.as_ref(), sig)
+        // Decided under the child's gate: a no-op once it is reaped.
+        self.child.send_signal(sig)
     }
 
     /// Sends SIGTERM (Windows: `TerminateProcess(h, 1)`).

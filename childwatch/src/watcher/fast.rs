@@ -32,13 +32,12 @@
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use rustix::process::{WaitOptions, wait};
-
 use super::attach::{Attachment, Sweeper, attach_sweeper, close_sweeper};
+use super::child::{ChildHandle, Reaped};
 use super::registry::{Added, Registry, Target};
-use super::status::{from_wait_status, rpid, try_reap};
 use super::{ChildCallback, ChildWatcher, Pid};
 use crate::event_loop::EventLoop;
+use crate::sys::{self, Found, Which};
 
 #[derive(Debug, Default)]
 struct ReapState {
@@ -73,32 +72,60 @@ impl Inner {
         self.reap.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Reaps every exited child. Handlers only post to the loop, so they are
-    /// delivered under the lock.
+    /// Reaps every exited child: `waitid(P_ALL, WNOHANG | WNOWAIT)` names
+    /// a zombie without reaping it; a registered one is then reaped through
+    /// its gate (so `send_signal` stays race-free), any other with
+    /// `waitid(P_PID)`. When a SIGCHLD finds no zombie at all, someone else
+    /// reaped a child (a foreign `waitpid`): every registered child is
+    /// checked then, and one taken by others gets 255 instead of a hang.
+    /// Handlers only post to the loop, so they are delivered under the lock.
     fn sweep_now(&self) {
         let st = self.lock();
+        let mut found = 0usize;
         loop {
-            match wait(WaitOptions::NOHANG) {
-                Ok(None) => break,
-                Ok(Some((p, status))) => {
-                    let pid = p.as_raw_pid();
-                    let Some(rc) = from_wait_status(status) else {
+            match sys::waitid(Which::All, libc::WNOHANG | libc::WNOWAIT) {
+                Ok(Found::Nothing) => break,
+                Ok(Found::Exited(pid, _)) => {
+                    found += 1;
+                    if let Some(child) = self.registry.child(pid) {
+                        match self.registry.reap(&child) {
+                            Ok(Reaped::Running) => break, // not waitable after all
+                            Ok(_) => {}
+                            Err(e) => {
+                                tracing::warn!("{e}");
+                                break;
+                            }
+                        }
                         continue;
-                    };
-                    if !self.registry.exited(pid, rc, st.forks > 0) && st.forks == 0 {
-                        tracing::warn!(
-                            "FastChildWatcher reaped unknown child pid {pid} (returncode {rc}); \
-                             its status is dropped"
-                        );
+                    }
+                    match sys::waitid(Which::Pid(pid), libc::WNOHANG) {
+                        Ok(Found::Exited(_, rc)) => {
+                            if !self.registry.exited(pid, rc, st.forks > 0) && st.forks == 0 {
+                                tracing::warn!(
+                                    "FastChildWatcher reaped unknown child pid {pid} \
+                                     (returncode {rc}); its status is dropped"
+                                );
+                            }
+                        }
+                        Ok(Found::Nothing) => break,
+                        Err(e) if sys::is_echild(&e) => continue, // reaped meanwhile
+                        Err(e) => {
+                            tracing::warn!("waitid({pid}) failed: {e}");
+                            break;
+                        }
                     }
                 }
-                Err(rustix::io::Errno::INTR) => continue,
-                Err(rustix::io::Errno::CHILD) => break,
+                Err(e) if sys::is_echild(&e) => break,
                 Err(e) => {
-                    tracing::warn!("waitpid(-1) failed: {e}");
+                    tracing::warn!("waitid(P_ALL) failed: {e}");
                     break;
                 }
             }
+        }
+        if found == 0 && self.registry.len() > 0 {
+            // A SIGCHLD with nothing to reap: a child was reaped elsewhere
+            // (or only stopped). Find registered children taken by others.
+            self.registry.sweep();
         }
     }
 }
@@ -137,9 +164,13 @@ impl FastChildWatcher {
     }
 }
 
-impl ChildWatcher for FastChildWatcher {
-    fn add_child_handler(&self, pid: Pid, callback: ChildCallback) -> io::Result<()> {
-        rpid(pid)?;
+impl FastChildWatcher {
+    fn register(
+        &self,
+        pid: Pid,
+        child: Option<&ChildHandle>,
+        callback: ChildCallback,
+    ) -> io::Result<()> {
         if !self.inner.attachment.is_active() {
             return Err(io::Error::other(format!(
                 "the FastChildWatcher is not activated: attach it to a running event loop \
@@ -148,19 +179,29 @@ impl ChildWatcher for FastChildWatcher {
         }
         let cb = self.inner.attachment.post_to_loop(callback);
         let _st = self.inner.lock();
-        if self.inner.registry.add(pid, cb, Target::AnyThread) == Added::New {
+        let (added, child) = self
+            .inner
+            .registry
+            .add_child(pid, child, cb, Target::AnyThread)?;
+        if added == Added::New {
             // Not reaped yet (it is still our child and running, or a zombie
             // the next sweep collects), or reaped before anyone asked to keep
-            // its status: then it is lost, and we must not wait forever.
-            match try_reap(pid) {
-                Ok(Some(rc)) => {
-                    self.inner.registry.exited(pid, rc, false);
-                }
-                Ok(None) => {}
-                Err(e) => tracing::warn!("waitpid({pid}) failed: {e}"),
+            // its status: then it is lost (255), and we must not wait forever.
+            if let Err(e) = self.inner.registry.reap(&child) {
+                tracing::warn!("{e}");
             }
         }
         Ok(())
+    }
+}
+
+impl ChildWatcher for FastChildWatcher {
+    fn add_child_handler(&self, pid: Pid, callback: ChildCallback) -> io::Result<()> {
+        self.register(pid, None, callback)
+    }
+
+    fn add_child(&self, child: &ChildHandle, callback: ChildCallback) -> io::Result<()> {
+        self.register(child.pid(), Some(child), callback)
     }
 
     fn remove_child_handler(&self, pid: Pid) -> bool {

@@ -20,6 +20,8 @@ use crate::event_loop::EventLoop;
 #[cfg(unix)]
 mod attach;
 #[cfg(unix)]
+mod child;
+#[cfg(unix)]
 mod fast;
 #[cfg(unix)]
 mod multi_loop;
@@ -36,6 +38,8 @@ mod uring;
 #[cfg(windows)]
 mod windows;
 
+#[cfg(unix)]
+pub use child::{ChildHandle, Reaped};
 #[cfg(unix)]
 pub use fast::FastChildWatcher;
 #[cfg(unix)]
@@ -75,6 +79,19 @@ pub trait ChildWatcher: Send + Sync {
     fn is_active(&self) -> bool;
     /// Stops watching and releases everything the watcher holds.
     fn close(&self);
+    /// Registers a child this process has just spawned, through its
+    /// [`ChildHandle`] (an extension of asyncio's contract; what
+    /// [`Command::spawn`](crate::Command::spawn) calls). The watchers of
+    /// this crate reap the child through the handle's gate, so the status
+    /// is matched to this very process and `Process::send_signal` can never
+    /// reach a recycled pid; a registered pid with a *different* handle is
+    /// known to be reused, and its earlier registration gets 255. The
+    /// default, for watchers written elsewhere, is
+    /// `add_child_handler(child.pid(), callback)`.
+    #[cfg(unix)]
+    fn add_child(&self, child: &ChildHandle, callback: ChildCallback) -> io::Result<()> {
+        self.add_child_handler(child.pid(), callback)
+    }
     /// Entered around a spawn (asyncio's `with watcher:`).
     fn enter(&self) {}
     /// Left after a spawn.

@@ -28,24 +28,17 @@ use std::thread::JoinHandle;
 use rustix::event::{EventfdFlags, eventfd};
 use signal_hook_registry::SigId;
 
+use super::child::ChildHandle;
 use super::registry::{Added, Registry, Target};
-use super::status::{rpid, try_reap};
 use super::{ChildCallback, ChildWatcher, Pid};
 use crate::event_loop::EventLoop;
 
 struct Inner {
     registry: Registry,
-    /// Held across `waitpid` and taking the handler, so the helper's sweep
-    /// and the check after `add` never race (the loser would see ECHILD).
-    reap: Mutex<()>,
     stop: AtomicBool,
 }
 
 impl Inner {
-    fn check(&self, pids: &[Pid]) {
-        self.registry.poll_each(&self.reap, pids, try_reap);
-    }
-
     /// The helper thread: sleep on the eventfd, sweep, repeat.
     fn run(&self, wake: &OwnedFd) {
         let mut buf = [0u8; 8];
@@ -62,8 +55,7 @@ impl Inner {
             if self.stop.load(Ordering::SeqCst) {
                 return;
             }
-            let pids = self.registry.pids();
-            self.check(&pids);
+            self.registry.sweep();
         }
     }
 }
@@ -115,7 +107,6 @@ impl MultiLoopChildWatcher {
         })?;
         let inner = Arc::new(Inner {
             registry: Registry::default(),
-            reap: Mutex::new(()),
             stop: AtomicBool::new(false),
         });
         let wake_fd = Arc::new(fd);
@@ -156,20 +147,40 @@ impl MultiLoopChildWatcher {
     }
 }
 
-impl ChildWatcher for MultiLoopChildWatcher {
-    fn add_child_handler(&self, pid: Pid, callback: ChildCallback) -> io::Result<()> {
-        rpid(pid)?;
+impl MultiLoopChildWatcher {
+    fn register(
+        &self,
+        pid: Pid,
+        child: Option<&ChildHandle>,
+        callback: ChildCallback,
+    ) -> io::Result<()> {
         if !self.is_active() {
             return Err(io::Error::other(
                 "the MultiLoopChildWatcher is closed; set a new child watcher",
             ));
         }
-        if self.inner.registry.add(pid, callback, Target::current()) == Added::New {
+        let (added, child) =
+            self.inner
+                .registry
+                .add_child(pid, child, callback, Target::current())?;
+        if added == Added::New {
             // An exit before now may have raised its SIGCHLD before the pid
             // was registered: look once.
-            self.inner.check(&[pid]);
+            if let Err(e) = self.inner.registry.reap(&child) {
+                tracing::warn!("{e}");
+            }
         }
         Ok(())
+    }
+}
+
+impl ChildWatcher for MultiLoopChildWatcher {
+    fn add_child_handler(&self, pid: Pid, callback: ChildCallback) -> io::Result<()> {
+        self.register(pid, None, callback)
+    }
+
+    fn add_child(&self, child: &ChildHandle, callback: ChildCallback) -> io::Result<()> {
+        self.register(child.pid(), Some(child), callback)
     }
 
     fn remove_child_handler(&self, pid: Pid) -> bool {

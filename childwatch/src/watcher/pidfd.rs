@@ -43,8 +43,8 @@ use std::time::Duration;
 
 use rustix::process::{PidfdFlags, WaitId, WaitIdOptions, pidfd_open, waitid};
 
+use super::child::{ChildHandle, Reaped};
 use super::registry::{Added, Registry, Target};
-use super::status::{from_waitid, lost, rpid};
 use super::threaded::spawn_waiter;
 use super::{ChildCallback, ChildWatcher, Pid};
 use crate::event_loop::{EventLoop, get_running_loop, sleep};
@@ -80,39 +80,29 @@ impl Cancel {
 
 /// How a registered child is being waited for.
 #[derive(Debug)]
-enum Watch {
+enum How {
     /// A task on a loop polls its pidfd.
-    Task {
-        generation: u64,
-        cancel: Arc<Cancel>,
-    },
-    /// A waiter thread blocks in `waitpid`; it cannot be cancelled.
+    Task(Arc<Cancel>),
+    /// A waiter thread blocks in `waitid`; it cannot be cancelled.
     Thread,
+}
+
+#[derive(Debug)]
+struct Watch {
+    child: ChildHandle,
+    how: How,
 }
 
 #[derive(Debug, Default)]
 struct State {
     watches: HashMap<Pid, Watch>,
     closed: bool,
-    next_generation: u64,
 }
 
 #[derive(Debug, Default)]
 struct Inner {
     registry: Registry,
-    /// Guards `watches` and is held across each reap and the handler
-    /// taken after it, so two waits for one pid never race.
     state: Mutex<State>,
-}
-
-/// What one look at a pidfd found.
-enum Look {
-    /// Reaped (or lost, or cancelled): the wait is over.
-    Done,
-    /// Still running (spurious readiness, or only stopped/continued).
-    Running,
-    /// waitid failed unexpectedly: hand the child to a thread.
-    Failed,
 }
 
 impl Inner {
@@ -121,130 +111,86 @@ impl Inner {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// `waitid(P_PIDFD, WEXITED | WNOHANG)` on the child's pidfd; on an exit
-    /// (or a lost status) delivers to whatever handler `pid` has now.
-    fn look(&self, pid: Pid, generation: u64, cancel: &Cancel, fd: &OwnedFd) -> Look {
+    /// Forgets the watch of `child` if it is still the current one.
+    fn forget(&self, child: &ChildHandle) {
         let mut st = self.lock();
-        if cancel.is_set() {
-            return Look::Done;
+        if matches!(st.watches.get(&child.pid()), Some(w) if w.child.same(child)) {
+            st.watches.remove(&child.pid());
         }
-        let rc = loop {
-            match waitid(
-                WaitId::PidFd(fd.as_fd()),
-                WaitIdOptions::EXITED | WaitIdOptions::NOHANG,
-            ) {
-                Ok(None) => return Look::Running,
-                Ok(Some(status)) => match from_waitid(&status) {
-                    Some(rc) => break rc,
-                    None => return Look::Running,
-                },
-                Err(rustix::io::Errno::INTR) => continue,
-                Err(rustix::io::Errno::CHILD) => break lost(pid),
-                Err(e) => {
-                    tracing::warn!("waitid(P_PIDFD) for pid {pid} failed: {e}");
-                    return Look::Failed;
-                }
+    }
+
+    /// Reaps `child` through its gate and delivers; `Ok(true)` when the
+    /// wait is over.
+    fn look(&self, child: &ChildHandle) -> io::Result<bool> {
+        match self.registry.reap(child)? {
+            Reaped::Running => Ok(false),
+            Reaped::Now(_) | Reaped::Before(_) => {
+                self.forget(child);
+                Ok(true)
             }
-        };
-        if matches!(st.watches.get(&pid), Some(Watch::Task { generation: g, .. }) if *g == generation)
+        }
+    }
+
+    /// Waits for `child` on a waiter thread instead (the shared fallback
+    /// chain: thread, then the overflow poller).
+    fn to_thread(self: &Arc<Self>, child: &ChildHandle) {
         {
-            st.watches.remove(&pid);
-        }
-        let handler = self.registry.take(pid);
-        drop(st);
-        if let Some(h) = handler {
-            h.deliver(pid, rc);
-        }
-        Look::Done
-    }
-
-    /// Waits for `pid` on a thread instead (replacing the task `generation`
-    /// if given, which must still be current).
-    fn to_thread(self: &Arc<Self>, pid: Pid, replacing: Option<u64>) -> io::Result<()> {
-        let mut st = self.lock();
-        match (st.watches.get(&pid), replacing) {
-            (Some(Watch::Thread), _) => return Ok(()),
-            (Some(Watch::Task { generation, .. }), Some(g)) if *generation == g => {}
-            (Some(Watch::Task { .. }), _) => return Ok(()),
-            (None, Some(_)) => return Ok(()),
-            (None, None) if st.closed || !self.registry.contains(pid) => return Ok(()),
-            (None, None) => {}
-        }
-        if st.closed && replacing.is_some() {
-            st.watches.remove(&pid);
-            return Ok(());
-        }
-        st.watches.insert(pid, Watch::Thread);
-        drop(st);
-        let inner = Arc::clone(self);
-        let started = spawn_waiter(
-            pid,
-            Box::new(move |rc| {
-                let mut st = inner.lock();
-                if matches!(st.watches.get(&pid), Some(Watch::Thread)) {
-                    st.watches.remove(&pid);
-                }
-                let handler = inner.registry.take(pid);
-                drop(st);
-                if let Some(h) = handler {
-                    h.deliver(pid, rc);
-                }
-            }),
-        );
-        if started.is_err() {
-            self.lock().watches.remove(&pid);
-        }
-        started
-    }
-
-    /// Delivers the lost status of `pid` (255, with a warning).
-    fn deliver_lost(&self, pid: Pid) {
-        let handler = {
-            let _st = self.lock();
-            self.registry.take(pid)
-        };
-        if let Some(h) = handler {
-            h.deliver(pid, lost(pid));
-        }
-    }
-
-    /// Starts watching `pid` through `fd` on `lp`.
-    fn start_task(self: &Arc<Self>, lp: &EventLoop, pid: Pid, fd: OwnedFd) {
-        let cancel = Arc::new(Cancel::default());
-        let generation = {
             let mut st = self.lock();
-            if st.closed || !self.registry.contains(pid) {
-                // Closed or removed meanwhile: nothing to watch; the pidfd
-                // closes here.
+            if st.closed
+                || self
+                    .registry
+                    .child(child.pid())
+                    .is_none_or(|c| !c.same(child))
+            {
                 return;
             }
-            st.next_generation += 1;
-            let generation = st.next_generation;
             st.watches.insert(
-                pid,
-                Watch::Task {
-                    generation,
-                    cancel: Arc::clone(&cancel),
+                child.pid(),
+                Watch {
+                    child: child.clone(),
+                    how: How::Thread,
                 },
             );
-            generation
-        };
+        }
+        let inner = Arc::clone(self);
+        spawn_waiter(
+            child.clone(),
+            Box::new(move |c, rc| {
+                inner.forget(c);
+                inner.registry.deliver_to(c, rc);
+            }),
+        );
+    }
+
+    /// Starts watching `child` through `fd` on `lp`.
+    fn start_task(self: &Arc<Self>, lp: &EventLoop, child: ChildHandle, fd: Arc<OwnedFd>) {
+        let cancel = Arc::new(Cancel::default());
+        {
+            let mut st = self.lock();
+            if st.closed {
+                return;
+            }
+            st.watches.insert(
+                child.pid(),
+                Watch {
+                    child: child.clone(),
+                    how: How::Task(Arc::clone(&cancel)),
+                },
+            );
+        }
         // The child may have exited already, or not be our child at all.
-        match self.look(pid, generation, &cancel, &fd) {
-            Look::Done => return,
-            Look::Running => {}
-            Look::Failed => {
-                if let Err(e) = self.to_thread(pid, Some(generation)) {
-                    tracing::error!("cannot watch pid {pid}: {e}");
-                    self.deliver_lost(pid);
-                }
+        match self.look(&child) {
+            Ok(true) => return,
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!("{e}; a waiter thread takes over");
+                self.to_thread(&child);
                 return;
             }
         }
         let guard = TaskGuard {
             inner: Arc::clone(self),
-            pid,
-            generation,
+            child,
             cancel,
             finished: false,
         };
@@ -257,8 +203,7 @@ impl Inner {
 /// waiter thread, so its exit is still reported.
 struct TaskGuard {
     inner: Arc<Inner>,
-    pid: Pid,
-    generation: u64,
+    child: ChildHandle,
     cancel: Arc<Cancel>,
     finished: bool,
 }
@@ -270,17 +215,14 @@ impl Drop for TaskGuard {
         }
         tracing::warn!(
             "the event loop watching pid {} went away; a waiter thread takes over",
-            self.pid
+            self.child.pid()
         );
-        if let Err(e) = self.inner.to_thread(self.pid, Some(self.generation)) {
-            tracing::error!("cannot keep watching pid {}: {e}", self.pid);
-            self.inner.deliver_lost(self.pid);
-        }
+        self.inner.to_thread(&self.child);
     }
 }
 
-/// The task: wait for readiness (or cancellation), then look.
-async fn watch_pidfd(mut guard: TaskGuard, fd: OwnedFd) {
+/// The task: wait for readiness (or cancellation), then reap.
+async fn watch_pidfd(mut guard: TaskGuard, fd: Arc<OwnedFd>) {
     let Some(lp) = get_running_loop() else {
         return; // A task only runs on its loop; dropping the guard falls back.
     };
@@ -306,32 +248,27 @@ async fn watch_pidfd(mut guard: TaskGuard, fd: OwnedFd) {
                 return;
             }
             Some(Err(e)) => {
-                tracing::warn!("waiting on the pidfd of pid {} failed: {e}", guard.pid);
+                tracing::warn!(
+                    "waiting on the pidfd of pid {} failed: {e}; a waiter thread takes over",
+                    guard.child.pid()
+                );
                 guard.finished = true;
-                if let Err(e) = guard.inner.to_thread(guard.pid, Some(guard.generation)) {
-                    tracing::error!("cannot keep watching pid {}: {e}", guard.pid);
-                    guard.inner.deliver_lost(guard.pid);
-                }
+                guard.inner.to_thread(&guard.child);
                 return;
             }
             Some(Ok(())) => {}
         }
-        match guard
-            .inner
-            .look(guard.pid, guard.generation, &guard.cancel, &fd)
-        {
-            Look::Done => {
+        match guard.inner.look(&guard.child) {
+            Ok(true) => {
                 guard.finished = true;
                 return;
             }
             // Readable but not yet waitable: let the exit complete.
-            Look::Running => sleep(Duration::from_millis(1)).await,
-            Look::Failed => {
+            Ok(false) => sleep(Duration::from_millis(1)).await,
+            Err(e) => {
+                tracing::warn!("{e}; a waiter thread takes over");
                 guard.finished = true;
-                if let Err(e) = guard.inner.to_thread(guard.pid, Some(guard.generation)) {
-                    tracing::error!("cannot keep watching pid {}: {e}", guard.pid);
-                    guard.inner.deliver_lost(guard.pid);
-                }
+                guard.inner.to_thread(&guard.child);
                 return;
             }
         }
@@ -416,50 +353,71 @@ impl PidfdChildWatcher {
     }
 }
 
-impl ChildWatcher for PidfdChildWatcher {
-    fn add_child_handler(&self, pid: Pid, callback: ChildCallback) -> io::Result<()> {
-        let rp = rpid(pid)?;
+impl PidfdChildWatcher {
+    fn register(
+        &self,
+        pid: Pid,
+        child: Option<&ChildHandle>,
+        callback: ChildCallback,
+    ) -> io::Result<()> {
         if self.inner.lock().closed {
             return Err(io::Error::other(
                 "the PidfdChildWatcher is closed; set a new child watcher",
             ));
         }
-        if self.inner.registry.add(pid, callback, Target::current()) != Added::New {
-            return Ok(());
-        }
-        if self.inner.lock().watches.contains_key(&pid) {
-            // A waiter thread from an earlier registration still waits.
+        let (added, child) =
+            self.inner
+                .registry
+                .add_child(pid, child, callback, Target::current())?;
+        if added != Added::New {
             return Ok(());
         }
         let Some(lp) = get_running_loop() else {
-            return self.register_failed(pid, self.inner.to_thread(pid, None));
+            self.inner.to_thread(&child);
+            return Ok(());
         };
-        match pidfd_open(rp, PidfdFlags::empty()) {
-            Ok(fd) => {
-                self.inner.start_task(&lp, pid, fd);
-                Ok(())
-            }
-            Err(rustix::io::Errno::SRCH) => {
-                // No such process: it was reaped by someone else.
-                self.inner.deliver_lost(pid);
-                Ok(())
+        match child.open_pidfd() {
+            Ok(Some(fd)) => self.inner.start_task(&lp, child, fd),
+            // Reaped already, or gone (its lost status is recorded).
+            Ok(None) => {
+                if let Err(e) = self.inner.registry.reap(&child) {
+                    tracing::warn!("{e}");
+                }
             }
             Err(e) => {
-                if matches!(e, rustix::io::Errno::MFILE | rustix::io::Errno::NFILE) {
+                if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
                     tracing::debug!("out of descriptors for pid {pid}'s pidfd; using a thread");
                 } else {
                     tracing::warn!("pidfd_open({pid}) failed: {e}; using a waiter thread");
                 }
-                self.register_failed(pid, self.inner.to_thread(pid, None))
+                self.inner.to_thread(&child);
             }
         }
+        Ok(())
+    }
+}
+
+impl ChildWatcher for PidfdChildWatcher {
+    fn add_child_handler(&self, pid: Pid, callback: ChildCallback) -> io::Result<()> {
+        self.register(pid, None, callback)
+    }
+
+    fn add_child(&self, child: &ChildHandle, callback: ChildCallback) -> io::Result<()> {
+        self.register(child.pid(), Some(child), callback)
     }
 
     fn remove_child_handler(&self, pid: Pid) -> bool {
         let mut st = self.inner.lock();
         let removed = self.inner.registry.remove(pid);
-        if let Some(Watch::Task { .. }) = st.watches.get(&pid) {
-            if let Some(Watch::Task { cancel, .. }) = st.watches.remove(&pid) {
+        if let Some(Watch {
+            how: How::Task(_), ..
+        }) = st.watches.get(&pid)
+        {
+            if let Some(Watch {
+                how: How::Task(cancel),
+                ..
+            }) = st.watches.remove(&pid)
+            {
                 drop(st);
                 cancel.cancel();
             }
@@ -478,12 +436,12 @@ impl ChildWatcher for PidfdChildWatcher {
             let mut st = self.inner.lock();
             st.closed = true;
             let mut cancels = Vec::new();
-            st.watches.retain(|_, w| match w {
-                Watch::Task { cancel, .. } => {
+            st.watches.retain(|_, w| match &w.how {
+                How::Task(cancel) => {
                     cancels.push(Arc::clone(cancel));
                     false
                 }
-                Watch::Thread => true,
+                How::Thread => true,
             });
             cancels
         };
@@ -491,15 +449,6 @@ impl ChildWatcher for PidfdChildWatcher {
             c.cancel();
         }
         self.inner.registry.clear();
-    }
-}
-
-impl PidfdChildWatcher {
-    fn register_failed(&self, pid: Pid, r: io::Result<()>) -> io::Result<()> {
-        if r.is_err() {
-            self.inner.registry.remove(pid);
-        }
-        r
     }
 }
 

@@ -17,6 +17,10 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Mutex, MutexGuard};
 
+#[cfg(unix)]
+use super::child::{ChildHandle, Reaped};
+#[cfg(unix)]
+use super::status::lost;
 use super::{ChildCallback, Pid, ReturnCode};
 use crate::event_loop::{LoopHandle, get_running_loop};
 
@@ -50,11 +54,14 @@ impl Handler {
         Handler { callback, target }
     }
 
-    /// Runs the callback where it belongs.
+    /// Runs the callback where it belongs. A callback run here, on a
+    /// watcher's own thread (no loop was running at registration, or that
+    /// loop has closed), is guarded: a panic in it is caught and logged so
+    /// that thread goes on delivering to everyone else.
     pub(crate) fn deliver(self, pid: Pid, rc: ReturnCode) {
         let Handler { callback, target } = self;
         match target {
-            Target::AnyThread => callback(pid, rc),
+            Target::AnyThread => run_guarded(callback, pid, rc),
             Target::Loop(h) => {
                 // The callback moves into the loop's queue; if the loop has
                 // closed we get an error and must run it here instead. A
@@ -74,11 +81,19 @@ impl Handler {
                     );
                     let cb = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
                     if let Some(cb) = cb {
-                        cb(pid, rc);
+                        run_guarded(cb, pid, rc);
                     }
                 }
             }
         }
+    }
+}
+
+/// Calls `callback(pid, rc)`, catching and logging a panic.
+fn run_guarded(callback: ChildCallback, pid: Pid, rc: ReturnCode) {
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| callback(pid, rc)));
+    if r.is_err() {
+        tracing::error!("the exit callback of pid {pid} panicked; the watcher goes on");
     }
 }
 
@@ -93,6 +108,10 @@ impl fmt::Debug for Handler {
 #[derive(Default)]
 struct State {
     handlers: HashMap<Pid, Handler>,
+    /// The child each handler belongs to: a status is delivered only to the
+    /// registration of the very process it came from.
+    #[cfg(unix)]
+    children: HashMap<Pid, ChildHandle>,
     /// Exits observed before a handler was registered (kept on request).
     early: HashMap<Pid, ReturnCode>,
 }
@@ -148,19 +167,16 @@ impl Registry {
 
     /// Removes the handler of `pid`; true if there was one.
     pub(crate) fn remove(&self, pid: Pid) -> bool {
-        self.lock().handlers.remove(&pid).is_some()
+        let mut st = self.lock();
+        #[cfg(unix)]
+        st.children.remove(&pid);
+        st.handlers.remove(&pid).is_some()
     }
 
     /// Whether `pid` has a handler.
     #[cfg_attr(windows, allow(dead_code))] // used by the unix watchers
     pub(crate) fn contains(&self, pid: Pid) -> bool {
         self.lock().handlers.contains_key(&pid)
-    }
-
-    /// The registered pids.
-    #[cfg_attr(windows, allow(dead_code))] // used by the unix watchers
-    pub(crate) fn pids(&self) -> Vec<Pid> {
-        self.lock().handlers.keys().copied().collect()
     }
 
     /// Number of registered pids.
@@ -174,6 +190,8 @@ impl Registry {
     /// and returns false.
     pub(crate) fn exited(&self, pid: Pid, rc: ReturnCode, keep: bool) -> bool {
         let mut st = self.lock();
+        #[cfg(unix)]
+        st.children.remove(&pid);
         match st.handlers.remove(&pid) {
             Some(h) => {
                 drop(st);
@@ -189,17 +207,13 @@ impl Registry {
         }
     }
 
-    /// Takes the handler of `pid` without delivering it.
-    #[cfg_attr(windows, allow(dead_code))] // used by the unix watchers
-    pub(crate) fn take(&self, pid: Pid) -> Option<Handler> {
-        self.lock().handlers.remove(&pid)
-    }
-
     /// Drops every handler and kept exit (watcher close); returns how many
     /// handlers were still registered.
     pub(crate) fn clear(&self) -> usize {
         let mut st = self.lock();
         st.early.clear();
+        #[cfg(unix)]
+        st.children.clear();
         let n = st.handlers.len();
         let handlers: Vec<Handler> = st.handlers.drain().map(|(_, h)| h).collect();
         drop(st);
@@ -207,39 +221,149 @@ impl Registry {
         n
     }
 
-    /// Polls each of `pids` that is still registered with `reap` (a
-    /// non-blocking wait: `Ok(None)` while the child runs) and delivers the
-    /// ones that exited: the O(n) sweep of Safe and MultiLoop. `reap_lock` is
-    /// held across each reap and the removal of its handler, so two sweeps
-    /// never race (the loser would see ECHILD and report 255); callbacks are
-    /// delivered after it is released.
+    /// Registers `callback` for a child (unix): `child` is `Some` for a
+    /// process this program just spawned, `None` for a pid given by the user
+    /// (asyncio's `add_child_handler`).
+    ///
+    /// * The same pid registered again with the same (or no) handle only
+    ///   replaces the callback: [`Added::Replaced`].
+    /// * A *different* handle for a registered pid means the old child was
+    ///   reaped behind our back and its pid reused by the new one: the old
+    ///   registration gets the lost status (255) and the new one is
+    ///   [`Added::New`]. A status never crosses from one process to another.
+    /// * An exit kept from before registration (Fast) is delivered at once:
+    ///   [`Added::Delivered`].
+    ///
+    /// Returns the handle now registered for the pid.
     #[cfg(unix)]
-    pub(crate) fn poll_each(
+    pub(crate) fn add_child(
         &self,
-        reap_lock: &Mutex<()>,
-        pids: &[Pid],
-        reap: impl Fn(Pid) -> std::io::Result<Option<ReturnCode>>,
-    ) {
-        let mut done: Vec<(Handler, Pid, ReturnCode)> = Vec::new();
-        {
-            let _g = reap_lock.lock().unwrap_or_else(|p| p.into_inner());
-            for &pid in pids {
-                if !self.contains(pid) {
-                    continue;
-                }
-                match reap(pid) {
-                    Ok(Some(rc)) => {
-                        if let Some(h) = self.take(pid) {
-                            done.push((h, pid, rc));
-                        }
-                    }
-                    Ok(None) => {}
-                    Err(e) => tracing::warn!("waitpid({pid}) failed: {e}"),
-                }
+        pid: Pid,
+        child: Option<&ChildHandle>,
+        callback: ChildCallback,
+        target: Target,
+    ) -> std::io::Result<(Added, ChildHandle)> {
+        let handler = Handler::new(callback, target);
+        let mut st = self.lock();
+        let mut stale = None;
+        let handle = match (st.children.get(&pid), child) {
+            (Some(old), Some(new)) if !old.same(new) => {
+                let old = old.clone();
+                let h = st.handlers.remove(&pid);
+                stale = h.map(|h| (old, h));
+                new.clone()
+            }
+            (Some(old), _) => {
+                let old = old.clone();
+                st.handlers.insert(pid, handler);
+                return Ok((Added::Replaced, old));
+            }
+            (None, Some(new)) => new.clone(),
+            (None, None) => ChildHandle::new(pid)?,
+        };
+        let early = st.early.remove(&pid);
+        let mut handler = Some(handler);
+        if early.is_none() {
+            st.children.insert(pid, handle.clone());
+            if let Some(h) = handler.take() {
+                st.handlers.insert(pid, h);
             }
         }
-        for (h, pid, rc) in done {
+        drop(st);
+        if let Some((old, h)) = stale {
+            tracing::warn!(
+                "pid {pid} was reused by a new child before its earlier child's exit was \
+                 seen (reaped by someone else?); reporting returncode 255 for the earlier one"
+            );
+            let rc = match old.record_exit(super::status::LOST_STATUS) {
+                Reaped::Before(rc) | Reaped::Now(rc) => rc,
+                Reaped::Running => super::status::LOST_STATUS,
+            };
             h.deliver(pid, rc);
+        }
+        if let (Some(rc), Some(h)) = (early, handler) {
+            let rc = match handle.record_exit(rc) {
+                Reaped::Before(rc) | Reaped::Now(rc) => rc,
+                Reaped::Running => rc,
+            };
+            h.deliver(pid, rc);
+            return Ok((Added::Delivered, handle));
+        }
+        Ok((Added::New, handle))
+    }
+
+    /// The child registered for `pid`, if any.
+    #[cfg(unix)]
+    pub(crate) fn child(&self, pid: Pid) -> Option<ChildHandle> {
+        self.lock().children.get(&pid).cloned()
+    }
+
+    /// The registered children.
+    #[cfg(unix)]
+    pub(crate) fn children(&self) -> Vec<ChildHandle> {
+        self.lock().children.values().cloned().collect()
+    }
+
+    /// Reaps `child` through its gate ([`ChildHandle::try_reap`]) and, if
+    /// it has exited, delivers its status to the handler registered for
+    /// this very child (not merely this pid), once. Returns what the reap
+    /// found; `Err` only for an unexpected `waitid` failure.
+    #[cfg(unix)]
+    pub(crate) fn reap(&self, child: &ChildHandle) -> std::io::Result<Reaped> {
+        let r = child.try_reap()?;
+        if let Reaped::Now(rc) | Reaped::Before(rc) = r {
+            self.deliver_to(child, rc);
+        }
+        Ok(r)
+    }
+
+    /// Records the lost status (255, with a warning) for `child` if it has
+    /// none yet, and delivers whatever status it has to its registration:
+    /// the last resort when nothing can watch a child any more.
+    #[cfg(unix)]
+    #[allow(dead_code)] // the Uring watcher's last resort, wired up in its rebuild
+    pub(crate) fn give_up(&self, child: &ChildHandle) {
+        let rc = match child.record_exit(lost(child.pid())) {
+            Reaped::Before(rc) | Reaped::Now(rc) => rc,
+            Reaped::Running => return,
+        };
+        self.deliver_to(child, rc);
+    }
+
+    /// Delivers `rc` to the handler of `child` if that exact child is still
+    /// registered; true if delivered.
+    #[cfg(unix)]
+    pub(crate) fn deliver_to(&self, child: &ChildHandle, rc: ReturnCode) -> bool {
+        let pid = child.pid();
+        let handler = {
+            let mut st = self.lock();
+            match st.children.get(&pid) {
+                Some(c) if c.same(child) => {
+                    st.children.remove(&pid);
+                    st.handlers.remove(&pid)
+                }
+                _ => None,
+            }
+        };
+        match handler {
+            Some(h) => {
+                h.deliver(pid, rc);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Reaps every registered child that has exited: the O(n) sweep of
+    /// Safe and MultiLoop (and Fast after `ECHILD`). Each reap is one
+    /// non-blocking `waitid` under that child's gate, so two sweeps never
+    /// race; callbacks run as each exit is found.
+    #[cfg(unix)]
+    pub(crate) fn sweep(&self) {
+        for child in self.children() {
+            if let Err(e) = self.reap(&child) {
+                tracing::warn!("{e}");
+            }
         }
     }
 
@@ -298,24 +422,45 @@ mod tests {
 
     #[test]
     #[cfg(unix)]
-    fn poll_each_delivers_only_registered_exits() {
+    fn a_status_only_reaches_the_registration_of_its_own_child() {
         let (log, cb) = recorder();
         let r = Registry::default();
-        r.add(40, cb("exited"), Target::AnyThread);
-        r.add(41, cb("running"), Target::AnyThread);
-        let lock = Mutex::new(());
-        let reaped = Mutex::new(Vec::new());
-        r.poll_each(&lock, &[40, 41, 42], |pid| {
-            reaped.lock().unwrap().push(pid);
-            Ok((pid == 40).then_some(3))
-        });
-        assert_eq!(
-            *reaped.lock().unwrap(),
-            vec![40, 41],
-            "unregistered 42 not waited on"
-        );
-        assert_eq!(*log.lock().unwrap(), vec![(40, 3, "exited")]);
-        assert!(r.contains(41) && !r.contains(40));
+        let old = ChildHandle::new(50).unwrap();
+        let (a, h) = r
+            .add_child(50, Some(&old), cb("old"), Target::AnyThread)
+            .unwrap();
+        assert_eq!(a, Added::New);
+        assert!(h.same(&old));
+        // The user's add_child_handler for the same pid only replaces.
+        let (a, h) = r
+            .add_child(50, None, cb("old2"), Target::AnyThread)
+            .unwrap();
+        assert_eq!(a, Added::Replaced);
+        assert!(h.same(&old));
+        // A new process with the same pid: the old one was reaped elsewhere.
+        let new = ChildHandle::new(50).unwrap();
+        let (a, _) = r
+            .add_child(50, Some(&new), cb("new"), Target::AnyThread)
+            .unwrap();
+        assert_eq!(a, Added::New);
+        assert_eq!(*log.lock().unwrap(), vec![(50, 255, "old2")]);
+        assert_eq!(old.returncode(), Some(255));
+        // A late status of the old child never reaches the new registration.
+        assert!(!r.deliver_to(&old, 7));
+        assert!(r.deliver_to(&new, 3));
+        assert!(!r.deliver_to(&new, 3), "delivered once");
+        assert_eq!(log.lock().unwrap()[1], (50, 3, "new"));
+    }
+
+    #[test]
+    #[cfg(unix)]
+    fn give_up_reports_lost_once() {
+        let (log, cb) = recorder();
+        let r = Registry::default();
+        let (_, c) = r.add_child(60, None, cb("x"), Target::AnyThread).unwrap();
+        r.give_up(&c);
+        r.give_up(&c);
+        assert_eq!(*log.lock().unwrap(), vec![(60, 255, "x")]);
     }
 
     #[test]

@@ -17,11 +17,11 @@
 //! one SIGCHLD handler, so two Safe/Fast watchers cannot share a loop.
 
 use std::io;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use super::attach::{Attachment, Sweeper, attach_sweeper, close_sweeper};
+use super::child::ChildHandle;
 use super::registry::{Added, Registry, Target};
-use super::status::{rpid, try_reap};
 use super::{ChildCallback, ChildWatcher, Pid};
 use crate::event_loop::EventLoop;
 
@@ -29,9 +29,6 @@ use crate::event_loop::EventLoop;
 struct Inner {
     registry: Registry,
     attachment: Arc<Attachment>,
-    /// Held across `waitpid` and taking the handler, so that two sweeps
-    /// never race (the loser would see ECHILD and report 255).
-    reap: Mutex<()>,
 }
 
 impl Sweeper for Inner {
@@ -47,15 +44,10 @@ impl Sweeper for Inner {
 }
 
 impl Inner {
-    /// Polls the given pids; delivers (through the attached loop) the ones
-    /// that exited.
-    fn check(&self, pids: &[Pid]) {
-        self.registry.poll_each(&self.reap, pids, try_reap);
-    }
-
+    /// Reaps (each through its gate) and delivers, through the attached
+    /// loop, every registered child that exited.
     fn sweep_now(&self) {
-        let pids = self.registry.pids();
-        self.check(&pids);
+        self.registry.sweep();
     }
 }
 
@@ -80,15 +72,18 @@ impl SafeChildWatcher {
             inner: Arc::new(Inner {
                 registry: Registry::default(),
                 attachment: Arc::new(Attachment::new()),
-                reap: Mutex::new(()),
             }),
         })
     }
 }
 
-impl ChildWatcher for SafeChildWatcher {
-    fn add_child_handler(&self, pid: Pid, callback: ChildCallback) -> io::Result<()> {
-        rpid(pid)?;
+impl SafeChildWatcher {
+    fn register(
+        &self,
+        pid: Pid,
+        child: Option<&ChildHandle>,
+        callback: ChildCallback,
+    ) -> io::Result<()> {
         if !self.inner.attachment.is_active() {
             return Err(io::Error::other(format!(
                 "the SafeChildWatcher is not activated: attach it to a running event loop \
@@ -96,11 +91,27 @@ impl ChildWatcher for SafeChildWatcher {
             )));
         }
         let cb = self.inner.attachment.post_to_loop(callback);
-        if self.inner.registry.add(pid, cb, Target::AnyThread) == Added::New {
+        let (added, child) = self
+            .inner
+            .registry
+            .add_child(pid, child, cb, Target::AnyThread)?;
+        if added == Added::New {
             // The child may have exited before we were told about it.
-            self.inner.check(&[pid]);
+            if let Err(e) = self.inner.registry.reap(&child) {
+                tracing::warn!("{e}");
+            }
         }
         Ok(())
+    }
+}
+
+impl ChildWatcher for SafeChildWatcher {
+    fn add_child_handler(&self, pid: Pid, callback: ChildCallback) -> io::Result<()> {
+        self.register(pid, None, callback)
+    }
+
+    fn add_child(&self, child: &ChildHandle, callback: ChildCallback) -> io::Result<()> {
+        self.register(child.pid(), Some(child), callback)
     }
 
     fn remove_child_handler(&self, pid: Pid) -> bool {

@@ -88,27 +88,6 @@ pub(crate) fn rpid(pid: Pid) -> io::Result<RPid> {
 }
 
 #[cfg(unix)]
-/// `waitpid(pid, WNOHANG)`: `Ok(None)` while the child runs (or only
-/// stopped/continued), `Ok(Some(rc))` once reaped, and 255 with a warning
-/// for a pid that is not (or no longer) our child.
-pub(crate) fn try_reap(pid: Pid) -> io::Result<Option<ReturnCode>> {
-    let p = rpid(pid)?;
-    loop {
-        match waitpid(Some(p), WaitOptions::NOHANG) {
-            Ok(None) => return Ok(None),
-            Ok(Some((_, st))) => match from_wait_status(st) {
-                Some(rc) => return Ok(Some(rc)),
-                // A stop or continue was reported; the child still lives.
-                None => return Ok(None),
-            },
-            Err(rustix::io::Errno::INTR) => continue,
-            Err(rustix::io::Errno::CHILD) => return Ok(Some(lost(pid))),
-            Err(e) => return Err(io::Error::from(e)),
-        }
-    }
-}
-
-#[cfg(unix)]
 /// Blocking `waitpid(pid, 0)` until the child exits (stops and continues are
 /// skipped); 255 with a warning if it is not our child.
 pub(crate) fn reap_blocking(pid: Pid) -> ReturnCode {
@@ -148,14 +127,5 @@ mod tests {
         assert_eq!(from_raw_wait_status(3 << 8), Some(3));
         assert_eq!(from_raw_wait_status(15), Some(-15));
         assert_eq!(from_raw_wait_status(0x137f), None); // stopped by SIGSTOP
-    }
-
-    #[test]
-    fn bad_pid_is_an_error() {
-        assert_eq!(try_reap(0).unwrap_err().kind(), io::ErrorKind::InvalidInput);
-        assert_eq!(
-            try_reap(-5).unwrap_err().kind(),
-            io::ErrorKind::InvalidInput
-        );
     }
 }
