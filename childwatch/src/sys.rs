@@ -110,7 +110,6 @@ pub(crate) fn send_signal(pid: Pid, pidfd: Option<BorrowedFd<'_>>, sig: i32) -> 
 }
 
 /// How `SIGCHLD` is handled in this process right now.
-#[allow(dead_code)] // read by the SIGCHLD watchers' safety check
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum SigchldDisposition {
     /// The default action (children stay zombies until waited for).
@@ -124,7 +123,6 @@ pub(crate) enum SigchldDisposition {
 }
 
 /// Reads the current `SIGCHLD` disposition (`sigaction(SIGCHLD, NULL, &old)`).
-#[allow(dead_code)] // read by the SIGCHLD watchers' safety check
 pub(crate) fn sigchld_disposition() -> io::Result<SigchldDisposition> {
     // SAFETY: sigaction is plain old data; all zeroes is valid.
     let mut old: libc::sigaction = unsafe { std::mem::zeroed() };

@@ -15,16 +15,29 @@
 //! `call_soon_threadsafe`) to remove it. Every installed handler carries a
 //! generation number and does nothing once it is stale, so a late removal is
 //! only tidiness, never a correctness question.
+//!
+//! SIGCHLD is process-wide, and other code may replace its handler after we
+//! attach (a library's own `sigaction`, `SIG_IGN`, `SA_NOCLDWAIT`). So while
+//! children are watched, the attached loop checks the disposition every
+//! [`SAFETY_PERIOD`] (one `sigaction` call); when it is no longer the one
+//! installed at attach time, it warns once and sweeps on that period, so
+//! exits are still reported (255 for children the kernel reaped itself).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::ThreadId;
+use std::time::Duration;
 
 use super::registry::{Handler, Registry, Target};
 use super::{ChildCallback, Pid, ReturnCode};
-use crate::event_loop::{EventLoop, LoopHandle};
+use crate::event_loop::{EventLoop, LoopHandle, get_running_loop};
+use crate::sys::{SigchldDisposition, sigchld_disposition};
+
+/// How often a loop with watched children checks that SIGCHLD still
+/// reaches its handler.
+pub(super) const SAFETY_PERIOD: Duration = Duration::from_millis(250);
 
 thread_local! {
     /// (attachment id, generation) → loop, for loops living on this thread.
@@ -196,7 +209,47 @@ pub(super) fn attach_sweeper<S: Sweeper>(inner: &Arc<S>, lp: Option<&EventLoop>)
         .attach(lp, |generation| Box::new(sweep_if_current(generation)));
     if let (Some(lp), Some(generation)) = (lp, installed) {
         lp.call_soon(sweep_if_current(generation));
+        match sigchld_disposition() {
+            Ok(expected) => arm_safety(Arc::downgrade(inner), lp, generation, expected, false),
+            Err(e) => tracing::warn!("cannot read the SIGCHLD disposition: {e}"),
+        }
     }
+}
+
+/// The safety check: every [`SAFETY_PERIOD`] while attached as
+/// `generation`, if children are watched and the SIGCHLD disposition is no
+/// longer `expected`, warn (once) and sweep.
+fn arm_safety<S: Sweeper>(
+    weak: std::sync::Weak<S>,
+    lp: &EventLoop,
+    generation: u64,
+    expected: SigchldDisposition,
+    warned: bool,
+) {
+    lp.call_later(SAFETY_PERIOD, move || {
+        let Some(inner) = weak.upgrade() else { return };
+        if !inner.attachment().is_current(generation) {
+            return;
+        }
+        let mut warned = warned;
+        if inner.registry().len() > 0 {
+            let now = sigchld_disposition();
+            if now.as_ref().ok() != Some(&expected) {
+                if !warned {
+                    tracing::warn!(
+                        "SIGCHLD no longer reaches the child watcher's handler (now {now:?}; \
+                         something replaced it after the watcher was attached); checking \
+                         watched children every {SAFETY_PERIOD:?} instead"
+                    );
+                    warned = true;
+                }
+                inner.sweep();
+            }
+        }
+        if let Some(lp) = get_running_loop() {
+            arm_safety(weak, &lp, generation, expected, warned);
+        }
+    });
 }
 
 /// `close` for a [`Sweeper`]: forgets every handler and detaches.

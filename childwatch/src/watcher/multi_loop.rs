@@ -28,10 +28,14 @@ use std::thread::JoinHandle;
 use rustix::event::{EventfdFlags, eventfd};
 use signal_hook_registry::SigId;
 
+use rustix::event::{PollFd, PollFlags, Timespec, poll};
+
+use super::attach::SAFETY_PERIOD;
 use super::child::ChildHandle;
 use super::registry::{Added, Registry, Target};
 use super::{ChildCallback, ChildWatcher, Pid};
 use crate::event_loop::EventLoop;
+use crate::sys::{SigchldDisposition, sigchld_disposition};
 
 struct Inner {
     registry: Registry,
@@ -39,21 +43,56 @@ struct Inner {
 }
 
 impl Inner {
-    /// The helper thread: sleep on the eventfd, sweep, repeat.
-    fn run(&self, wake: &OwnedFd) {
+    /// The helper thread: sleep on the eventfd, sweep, repeat. While
+    /// children are watched it also wakes every [`SAFETY_PERIOD`] to check
+    /// that SIGCHLD still reaches our action (another library may have
+    /// replaced it, or set `SIG_IGN`); if not, it warns once and sweeps on
+    /// that period. Callbacks run on this thread only when no loop was
+    /// running at registration; a panic in one is caught by the registry.
+    fn run(&self, wake: &OwnedFd, expected: Option<SigchldDisposition>) {
         let mut buf = [0u8; 8];
+        let mut warned = false;
         loop {
-            match rustix::io::read(wake, &mut buf) {
-                Ok(_) => {}
-                Err(rustix::io::Errno::INTR) | Err(rustix::io::Errno::AGAIN) => {}
-                Err(e) => {
-                    tracing::error!("MultiLoopChildWatcher: reading its eventfd failed: {e}");
-                    // Keep watching rather than spin: sweep on a slow tick.
-                    std::thread::sleep(std::time::Duration::from_millis(50));
+            let timeout = (self.registry.len() > 0).then_some(SAFETY_PERIOD);
+            let ready = {
+                let mut fds = [PollFd::new(wake, PollFlags::IN)];
+                let ts = timeout.and_then(|t| Timespec::try_from(t).ok());
+                match poll(&mut fds, ts.as_ref()) {
+                    Ok(n) => n > 0,
+                    Err(rustix::io::Errno::INTR) => false,
+                    Err(e) => {
+                        tracing::error!("MultiLoopChildWatcher: polling its eventfd failed: {e}");
+                        // Keep watching rather than spin: sweep on a slow tick.
+                        std::thread::sleep(SAFETY_PERIOD);
+                        false
+                    }
+                }
+            };
+            if ready {
+                match rustix::io::read(wake, &mut buf) {
+                    Ok(_) | Err(rustix::io::Errno::INTR) | Err(rustix::io::Errno::AGAIN) => {}
+                    Err(e) => {
+                        tracing::error!("MultiLoopChildWatcher: reading its eventfd failed: {e}")
+                    }
                 }
             }
             if self.stop.load(Ordering::SeqCst) {
                 return;
+            }
+            if !ready {
+                // A safety tick: sweep only if SIGCHLD no longer reaches us.
+                let now = sigchld_disposition().ok();
+                if now == expected {
+                    continue;
+                }
+                if !warned {
+                    tracing::warn!(
+                        "SIGCHLD no longer reaches the MultiLoopChildWatcher (now {now:?}; \
+                         something replaced its action); checking watched children every \
+                         {SAFETY_PERIOD:?} instead"
+                    );
+                    warned = true;
+                }
             }
             self.registry.sweep();
         }
@@ -120,12 +159,15 @@ impl MultiLoopChildWatcher {
                     format!("cannot install the MultiLoopChildWatcher's SIGCHLD handler: {e}"),
                 )
             })?;
+        // What SIGCHLD looks like with our action installed; a later change
+        // means someone replaced it.
+        let expected = sigchld_disposition().ok();
         let i2 = Arc::clone(&inner);
         let fd3 = Arc::clone(&wake_fd);
         let thread = std::thread::Builder::new()
             .name("childwatch-sigchld".into())
             .stack_size(128 * 1024)
-            .spawn(move || i2.run(&fd3));
+            .spawn(move || i2.run(&fd3, expected));
         let thread = match thread {
             Ok(t) => t,
             Err(e) => {
