@@ -44,8 +44,8 @@ pub use policy::{
 pub use policy::{WindowsProactorEventLoopPolicy, WindowsSelectorEventLoopPolicy};
 #[cfg(any(target_os = "linux", windows))]
 pub use subprocess::{
-    ChildStderr, ChildStdin, ChildStdout, Command, Process, Stdio, create_subprocess_exec,
-    create_subprocess_shell,
+    ChildStderr, ChildStdin, ChildStdout, Command, PipeTransport, Process, Stdio,
+    SubprocessProtocol, SubprocessTransport, create_subprocess_exec, create_subprocess_shell,
 };
 #[cfg(target_os = "linux")]
 pub use watcher::UringChildWatcher;

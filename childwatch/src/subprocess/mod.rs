@@ -82,7 +82,9 @@ mod spawn;
 #[path = "spawn_windows.rs"]
 mod spawn;
 mod stream;
+mod transport;
 
 pub use child_io::{ChildStderr, ChildStdin, ChildStdout};
 pub use command::{Command, Stdio, create_subprocess_exec, create_subprocess_shell};
 pub use process::Process;
+pub use transport::{PipeTransport, SubprocessProtocol, SubprocessTransport};
