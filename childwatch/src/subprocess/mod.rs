@@ -67,6 +67,7 @@
 //! runs `cmd.exe /c "cmd"`; `terminate`, `kill` and `send_signal(SIGTERM or
 //! SIGKILL)` call `TerminateProcess(h, 1)`, so the returncode is 1.
 
+mod args;
 mod child_io;
 mod command;
 mod exit;

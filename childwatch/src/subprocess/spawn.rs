@@ -55,24 +55,13 @@ use std::io;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use rustix::pipe::{PipeFlags, pipe_with};
 
+pub(crate) use super::args::{Spec, StdioKind};
+use super::args::{self, invalid};
 use crate::watcher::Pid;
-
-/// What happens to one of the child's standard descriptors.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum StdioKind {
-    /// The parent's descriptor.
-    Inherit,
-    /// A new pipe; the parent keeps the other end.
-    Piped,
-    /// `/dev/null`.
-    Null,
-    /// The child's stdout (asyncio's `STDOUT`, for stderr only).
-    Stdout,
-}
 
 /// Everything `posix_spawnp` needs, validated and converted to C strings.
 #[derive(Debug)]
@@ -98,10 +87,6 @@ pub(crate) struct Spawned {
     pub(crate) stderr: Option<OwnedFd>,
 }
 
-fn invalid(msg: String) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidInput, msg)
-}
-
 fn cstring(what: &str, s: &OsStr) -> io::Result<CString> {
     CString::new(s.as_bytes()).map_err(|_| {
         invalid(format!(
@@ -110,34 +95,11 @@ fn cstring(what: &str, s: &OsStr) -> io::Result<CString> {
     })
 }
 
-/// The inputs of [`prepare`], borrowed from a `Command`.
-pub(crate) struct Spec<'a> {
-    pub(crate) program: &'a OsStr,
-    pub(crate) args: &'a [OsString],
-    pub(crate) env_clear: bool,
-    pub(crate) env: &'a [(OsString, Option<OsString>)],
-    pub(crate) cwd: Option<&'a Path>,
-    pub(crate) stdin: StdioKind,
-    pub(crate) stdout: StdioKind,
-    pub(crate) stderr: StdioKind,
-    pub(crate) new_session: bool,
-    pub(crate) process_group: Option<Pid>,
-}
-
 /// Validates a spawn request and converts it for `posix_spawnp`. Every bad
 /// input is an `InvalidInput` (a missing `cwd`: `NotFound`) error here,
 /// before anything is created.
 pub(crate) fn prepare(spec: &Spec<'_>) -> io::Result<Prepared> {
-    if spec.program.is_empty() {
-        return Err(invalid(
-            "the program name is empty; give the name or path of a program to run".into(),
-        ));
-    }
-    if spec.stdin == StdioKind::Stdout || spec.stdout == StdioKind::Stdout {
-        return Err(invalid(
-            "Stdio::stdout() only makes sense for stderr (it sends stderr into stdout)".into(),
-        ));
-    }
+    args::check(spec)?;
     if spec.new_session && spec.process_group.is_some() {
         return Err(invalid(
             "start_new_session and process_group cannot be combined: a new session is \
@@ -160,27 +122,10 @@ pub(crate) fn prepare(spec: &Spec<'_>) -> io::Result<Prepared> {
             )));
         }
     }
-    let cwd = match spec.cwd {
-        Some(dir) => {
-            match std::fs::metadata(dir) {
-                Ok(m) if m.is_dir() => {}
-                Ok(_) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::NotADirectory,
-                        format!("current_dir {} is not a directory", dir.display()),
-                    ));
-                }
-                Err(e) => {
-                    return Err(io::Error::new(
-                        e.kind(),
-                        format!("current_dir {} cannot be used: {e}", dir.display()),
-                    ));
-                }
-            }
-            Some(cstring("current_dir", dir.as_os_str())?)
-        }
-        None => None,
-    };
+    let cwd = spec
+        .cwd
+        .map(|dir| cstring("current_dir", dir.as_os_str()))
+        .transpose()?;
     let envp = if spec.env_clear || !spec.env.is_empty() {
         let mut vars: Vec<(OsString, OsString)> = if spec.env_clear {
             Vec::new()

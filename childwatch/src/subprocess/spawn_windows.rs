@@ -32,36 +32,9 @@ use windows_sys::Win32::System::Threading::{
 };
 
 use super::pipes::{Flow, pipe};
+pub(crate) use super::args::{Spec, StdioKind};
+use super::args::{self, invalid};
 use crate::watcher::Pid;
-
-/// What happens to one of the child's standard streams.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum StdioKind {
-    /// The parent's stream.
-    Inherit,
-    /// A new pipe; the parent keeps the other end.
-    Piped,
-    /// `NUL`.
-    Null,
-    /// The child's stdout (asyncio's `STDOUT`, for stderr only).
-    Stdout,
-}
-
-/// The inputs of [`prepare`], borrowed from a `Command`.
-pub(crate) struct Spec<'a> {
-    pub(crate) program: &'a OsStr,
-    pub(crate) args: &'a [OsString],
-    pub(crate) env_clear: bool,
-    pub(crate) env: &'a [(OsString, Option<OsString>)],
-    pub(crate) cwd: Option<&'a Path>,
-    pub(crate) stdin: StdioKind,
-    pub(crate) stdout: StdioKind,
-    pub(crate) stderr: StdioKind,
-    pub(crate) new_session: bool,
-    pub(crate) process_group: Option<Pid>,
-    /// `args` is one shell command line for `cmd.exe /c`, passed verbatim.
-    pub(crate) shell: bool,
-}
 
 /// A validated spawn request.
 #[derive(Debug)]
@@ -89,10 +62,6 @@ pub(crate) struct Spawned {
     pub(crate) stderr: Option<OwnedHandle>,
 }
 
-fn invalid(msg: String) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidInput, msg)
-}
-
 fn has_nul(s: &OsStr) -> bool {
     use std::os::windows::ffi::OsStrExt;
     s.encode_wide().any(|c| c == 0)
@@ -101,16 +70,7 @@ fn has_nul(s: &OsStr) -> bool {
 /// Validates a spawn request. Every bad input is an `InvalidInput` (a
 /// missing `cwd`: `NotFound`) error here, before anything is created.
 pub(crate) fn prepare(spec: &Spec<'_>) -> io::Result<Prepared> {
-    if spec.program.is_empty() {
-        return Err(invalid(
-            "the program name is empty; give the name or path of a program to run".into(),
-        ));
-    }
-    if spec.stdin == StdioKind::Stdout || spec.stdout == StdioKind::Stdout {
-        return Err(invalid(
-            "Stdio::stdout() only makes sense for stderr (it sends stderr into stdout)".into(),
-        ));
-    }
+    args::check(spec)?;
     let strings = std::iter::once(spec.program)
         .chain(spec.args.iter().map(OsString::as_os_str))
         .chain(spec.env.iter().flat_map(|(k, v)| {
@@ -130,14 +90,6 @@ pub(crate) fn prepare(spec: &Spec<'_>) -> io::Result<Prepared> {
             return Err(invalid(format!(
                 "invalid environment variable name {k:?} (empty, or containing '=')"
             )));
-        }
-    }
-    if let Some(dir) = spec.cwd {
-        if !dir.is_dir() {
-            return Err(io::Error::new(
-                io::ErrorKind::NotFound,
-                format!("the working directory {dir:?} does not exist or is not a directory"),
-            ));
         }
     }
     let new_group = match spec.process_group {
