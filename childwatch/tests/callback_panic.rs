@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use childwatch::{ChildWatcher, Pid};
 use fault_util::{HANG, Wk, block_until};
-use watcher_util::{Log, sh, zombie_children};
+use watcher_util::{Log, proc_state, sh};
 
 /// Registers `pid` with a callback that panics (after noting it ran).
 fn add_panicking(w: &Arc<dyn ChildWatcher>, pid: Pid, ran: &Arc<AtomicBool>) {
@@ -34,11 +34,11 @@ fn case(wk: Wk) {
     let Some(w) = wk.make() else { return };
     let log = Log::default();
     // Registered before the panic, exits after it.
-    let pending = sh("sleep 0.5; exit 4");
+    let pending = sh("sleep 1; exit 4");
     w.add_child_handler(pending, log.cb())
         .expect("add_child_handler");
     let ran = Arc::new(AtomicBool::new(false));
-    let bad = sh("exit 1");
+    let bad = sh("sleep 0.2; exit 1");
     add_panicking(&w, bad, &ran);
     assert!(
         block_until(HANG, || ran.load(Ordering::SeqCst)),
@@ -46,12 +46,12 @@ fn case(wk: Wk) {
     );
     assert!(w.is_active(), "{wk:?}: inactive after a callback panicked");
     // Registered after the panic.
-    let later = sh("exit 2");
+    let later = sh("sleep 0.2; exit 2");
     w.add_child_handler(later, log.cb())
         .expect("add_child_handler after a panic");
     // A second panic, then more children: the thread must survive again.
     let ran2 = Arc::new(AtomicBool::new(false));
-    let bad2 = sh("exit 6");
+    let bad2 = sh("sleep 0.2; exit 6");
     add_panicking(&w, bad2, &ran2);
     assert!(
         block_until(HANG, || log.len() >= 2 && ran2.load(Ordering::SeqCst)),
@@ -59,7 +59,7 @@ fn case(wk: Wk) {
         log.len(),
         log.by_pid()
     );
-    let last = sh("exit 9");
+    let last = sh("sleep 0.2; exit 9");
     w.add_child_handler(last, log.cb())
         .expect("add_child_handler after two panics");
     assert!(
@@ -83,11 +83,15 @@ fn case(wk: Wk) {
         "{wk:?}: a child registered after two panics"
     );
     assert!(w.is_active(), "{wk:?}: inactive after callbacks panicked");
-    // The panicking callbacks' children were reaped too.
+    // The panicking callbacks' children were reaped too (only ours: the
+    // tests of this binary run in parallel).
+    let mine = [pending, bad, later, bad2, last];
     assert!(
-        block_until(HANG, || zombie_children().is_empty()),
-        "{wk:?}: zombies left: {:?}",
-        zombie_children()
+        block_until(HANG, || mine.iter().all(|&p| proc_state(p).is_none())),
+        "{wk:?}: our children left as zombies: {:?}",
+        mine.iter()
+            .filter(|&&p| proc_state(p) == Some('Z'))
+            .collect::<Vec<_>>()
     );
     w.close();
 }
