@@ -302,7 +302,7 @@ fn stress_common(wk: Wk, kind: LoopKind, nofile: Option<libc::rlim_t>) {
     let next = Rc::new(Cell::new(0usize));
     let done = Rc::new(Cell::new(0usize));
     let wrong: Rc<RefCell<Vec<String>>> = Rc::default();
-    lp.run_until_complete(async {
+    let zombies = lp.run_until_complete(async {
         let workers: Vec<_> = (0..32)
             .map(|_| {
                 let (next, done, wrong, w) = (next.clone(), done.clone(), wrong.clone(), w.clone());
@@ -354,10 +354,9 @@ fn stress_common(wk: Wk, kind: LoopKind, nofile: Option<libc::rlim_t>) {
         for t in workers {
             t.await;
         }
-        let z = fault_util::zombies_after(Duration::from_secs(5)).await;
-        assert!(z.is_empty(), "zombies left: {z:?}");
-    })
-    .expect("loop ran");
+        fault_util::zombies_after(Duration::from_secs(5)).await
+    });
+    let zombies = zombies.expect("loop ran");
     w.close();
     lp.close().expect("close loop");
     if let Some(old) = old_limit {
@@ -376,6 +375,10 @@ fn stress_common(wk: Wk, kind: LoopKind, nofile: Option<libc::rlim_t>) {
             .cloned()
             .collect::<Vec<_>>()
             .join("\n")
+    );
+    assert!(
+        zombies.is_empty(),
+        "every status exact, but zombies left: {zombies:?}"
     );
     println!("{wk:?}/{kind}: {n} children, every status exact");
 }

@@ -91,7 +91,12 @@ pub fn run(
         let lines: Vec<&str> = text.lines().collect();
         for (i, l) in lines.iter().enumerate() {
             if l.contains("panicked at") {
-                excerpt.extend(lines[i..(i + 2).min(lines.len())].iter().copied());
+                // The panic message: up to the backtrace note or a blank line.
+                excerpt.extend(
+                    lines[i..(i + 25).min(lines.len())]
+                        .iter()
+                        .take_while(|l| !l.is_empty() && !l.starts_with("note:")),
+                );
             }
         }
         panic!(
