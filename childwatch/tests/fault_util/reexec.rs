@@ -87,7 +87,7 @@ pub fn run(
     };
     if !status.success() {
         let text = format!("{out}\n{err}");
-        let mut excerpt = Vec::new();
+        let mut excerpt: Vec<&str> = Vec::new();
         let lines: Vec<&str> = text.lines().collect();
         for (i, l) in lines.iter().enumerate() {
             if l.contains("panicked at") {
@@ -95,7 +95,8 @@ pub fn run(
                 excerpt.extend(
                     lines[i..(i + 25).min(lines.len())]
                         .iter()
-                        .take_while(|l| !l.is_empty() && !l.starts_with("note:")),
+                        .take_while(|l| !l.is_empty() && !l.starts_with("note:"))
+                        .copied(),
                 );
             }
         }
