@@ -61,6 +61,10 @@ fn enter(test: &str) -> bool {
         eprintln!("skipped: no setpriv for {test}");
         return false;
     }
+    // One unprivileged run at a time: RLIMIT_NPROC counts every task of
+    // uid 65534, so a parallel run could free a slot for this one.
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let exe = readable_copy();
     let uid = format!("--reuid={NOBODY}");
     let gid = format!("--regid={NOBODY}");
