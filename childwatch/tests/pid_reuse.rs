@@ -199,7 +199,51 @@ fn signal_after_exit_no_pidfd(wk: Wk, kind: LoopKind) {
     signal_after_exit_common(wk, kind, true)
 }
 
+/// Failing input 1 through `Command::kill_on_drop(true)`: the `Process` of
+/// an exited child (no pidfd: the table was full at spawn) is dropped while
+/// the loop is busy and an unrelated `sleep 30` holds the recycled pid; the
+/// drop's SIGKILL must not reach it.
+fn kill_on_drop_after_exit_no_pidfd(wk: Wk, kind: LoopKind) {
+    let Some((lp, w)) = setup(wk, kind) else {
+        return;
+    };
+    let mut strangers = Strangers::default();
+    lp.run_until_complete(async {
+        let fill = FdFill::new();
+        let old = create_subprocess_exec("true", [] as [&str; 0])
+            .watcher(Arc::clone(&w))
+            .kill_on_drop(true)
+            .spawn();
+        drop(fill);
+        let old = old.expect("spawn true (table full)");
+        let pid = old.pid();
+        fault_util::wait_exited(pid);
+        std::thread::sleep(Duration::from_millis(200));
+        match pidns::stranger_with_pid(pid) {
+            Some(s) => {
+                strangers.0.push(s);
+                drop(old);
+                assert_stranger_alive(strangers.0.last_mut().unwrap(), "kill_on_drop");
+            }
+            None => {
+                println!("{wk:?}/{kind}: pid {pid} still taken while the loop is busy");
+                drop(old);
+            }
+        }
+        let z = fault_util::zombies_after(Duration::from_secs(5)).await;
+        assert!(z.is_empty(), "zombies left: {z:?}");
+        for s in &mut strangers.0 {
+            assert_stranger_alive(s, "kill_on_drop, after the loop ran");
+        }
+    })
+    .expect("loop ran");
+    drop(strangers);
+    w.close();
+    lp.close().expect("close loop");
+}
+
 matrix!(signal_after_exit, NS_LIMIT);
+matrix!(kill_on_drop_after_exit_no_pidfd, NS_LIMIT);
 matrix!(signal_after_exit_no_pidfd, NS_LIMIT);
 
 /// Failing input 2 (kind): child A exits 7; while the loop is busy (before
