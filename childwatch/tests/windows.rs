@@ -628,3 +628,104 @@ fn stress_200_children_in_flight() {
     assert_eq!(codes, (0..200).collect::<Vec<_>>());
     eprintln!("200 children: {:?}", start.elapsed());
 }
+
+// ------------------------------------------------------------ protocols
+
+/// Records the order of asyncio's `SubprocessProtocol` callbacks.
+#[derive(Default)]
+struct Order {
+    events: Vec<String>,
+    out: Vec<u8>,
+    done: bool,
+    waker: Option<std::task::Waker>,
+}
+
+impl childwatch::SubprocessProtocol for Order {
+    fn connection_made(&mut self, _t: &childwatch::SubprocessTransport) {
+        self.events.push("made".into());
+    }
+    fn pipe_data_received(&mut self, fd: i32, data: &[u8]) {
+        assert_eq!(fd, 1);
+        assert!(!self.events.iter().any(|e| e == "lost 1"), "data after EOF");
+        self.out.extend_from_slice(data);
+    }
+    fn pipe_connection_lost(&mut self, fd: i32, _exc: Option<std::io::Error>) {
+        self.events.push(format!("lost {fd}"));
+    }
+    fn process_exited(&mut self) {
+        self.events.push("exited".into());
+    }
+    fn connection_lost(&mut self, _exc: Option<std::io::Error>) {
+        self.events.push("connection_lost".into());
+        self.done = true;
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+}
+
+#[test]
+fn subprocess_exec_calls_the_protocol_in_asyncio_order() {
+    let _g = exclusive();
+    let (events, out, rc) = on_proactor(async || {
+        let lp = childwatch::get_running_loop().unwrap();
+        let mut c = create_subprocess_exec("find.exe", ["x"]);
+        c.stdin(CwStdio::piped()).stdout(CwStdio::piped());
+        let (t, rec) = lp.subprocess_exec(Order::default, &mut c).await.unwrap();
+        let stdin = t.get_pipe_transport(0).unwrap();
+        stdin.write(b"x1\r\n").unwrap();
+        stdin.write(b"y\r\nx2\r\n").unwrap();
+        stdin.write_eof().unwrap();
+        std::future::poll_fn(|cx| {
+            let mut r = rec.borrow_mut();
+            if r.done {
+                std::task::Poll::Ready(())
+            } else {
+                r.waker = Some(cx.waker().clone());
+                std::task::Poll::Pending
+            }
+        })
+        .await;
+        let r = rec.borrow();
+        (r.events.clone(), r.out.clone(), t.get_returncode())
+    });
+    assert_eq!(events.first().map(String::as_str), Some("made"));
+    assert_eq!(events.last().map(String::as_str), Some("connection_lost"));
+    for e in ["lost 0", "lost 1", "exited"] {
+        assert_eq!(events.iter().filter(|x| *x == e).count(), 1, "{events:?}");
+    }
+    assert_eq!(rc, Some(0));
+    let out = String::from_utf8_lossy(&out);
+    assert!(
+        out.contains("x1") && out.contains("x2") && !out.contains('y'),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn closing_a_transport_kills_the_child() {
+    let _g = exclusive();
+    let (events, rc) = on_proactor(async || {
+        let lp = childwatch::get_running_loop().unwrap();
+        let mut c = create_subprocess_exec("cmd.exe", ["/c", "set /p x="]);
+        c.stdin(CwStdio::piped()).stdout(CwStdio::piped());
+        let (t, rec) = lp.subprocess_exec(Order::default, &mut c).await.unwrap();
+        t.close();
+        std::future::poll_fn(|cx| {
+            let mut r = rec.borrow_mut();
+            if r.done {
+                std::task::Poll::Ready(())
+            } else {
+                r.waker = Some(cx.waker().clone());
+                std::task::Poll::Pending
+            }
+        })
+        .await;
+        let r = rec.borrow();
+        (r.events.clone(), t.get_returncode())
+    });
+    assert_eq!(events.last().map(String::as_str), Some("connection_lost"));
+    assert_eq!(events.iter().filter(|x| *x == "exited").count(), 1);
+    // TerminateProcess(h, 1), as asyncio's kill on Windows.
+    assert_eq!(rc, Some(1));
+}

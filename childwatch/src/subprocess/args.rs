@@ -109,12 +109,18 @@ mod tests {
     #[test]
     fn common_checks() {
         let kind = |s: &Spec<'_>| check(s).unwrap_err().kind();
-        assert_eq!(kind(&spec(OsStr::new(""), &[])), io::ErrorKind::InvalidInput);
+        assert_eq!(
+            kind(&spec(OsStr::new(""), &[])),
+            io::ErrorKind::InvalidInput
+        );
         let mut s = spec(OsStr::new("x"), &[]);
         s.stdout = StdioKind::Stdout;
         assert_eq!(kind(&s), io::ErrorKind::InvalidInput);
         let env = [(OsString::new(), None)];
-        assert_eq!(kind(&spec(OsStr::new("x"), &env)), io::ErrorKind::InvalidInput);
+        assert_eq!(
+            kind(&spec(OsStr::new("x"), &env)),
+            io::ErrorKind::InvalidInput
+        );
         let mut s = spec(OsStr::new("x"), &[]);
         let missing = Path::new("/nonexistent/childwatch-test-dir");
         s.cwd = Some(missing);

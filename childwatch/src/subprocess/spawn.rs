@@ -59,8 +59,8 @@ use std::path::PathBuf;
 
 use rustix::pipe::{PipeFlags, pipe_with};
 
-pub(crate) use super::args::{Spec, StdioKind};
 use super::args::{self, invalid};
+pub(crate) use super::args::{Spec, StdioKind};
 use crate::watcher::Pid;
 
 /// Everything `posix_spawnp` needs, validated and converted to C strings.

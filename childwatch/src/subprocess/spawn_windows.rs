@@ -31,9 +31,9 @@ use windows_sys::Win32::System::Threading::{
     CREATE_NEW_PROCESS_GROUP, GetExitCodeProcess, TerminateProcess,
 };
 
-use super::pipes::{Flow, pipe};
-pub(crate) use super::args::{Spec, StdioKind};
 use super::args::{self, invalid};
+pub(crate) use super::args::{Spec, StdioKind};
+use super::pipes::{Flow, pipe};
 use crate::watcher::Pid;
 
 /// A validated spawn request.

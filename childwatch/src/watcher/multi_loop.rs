@@ -53,10 +53,11 @@ impl Inner {
         let mut buf = [0u8; 8];
         let mut warned = false;
         loop {
-            let timeout = (self.registry.len() > 0).then_some(SAFETY_PERIOD);
+            // Always a timeout: a child registered while we sleep must be
+            // covered by the safety check too (an idle tick is one poll).
             let ready = {
                 let mut fds = [PollFd::new(wake, PollFlags::IN)];
-                let ts = timeout.and_then(|t| Timespec::try_from(t).ok());
+                let ts = Timespec::try_from(SAFETY_PERIOD).ok();
                 match poll(&mut fds, ts.as_ref()) {
                     Ok(n) => n > 0,
                     Err(rustix::io::Errno::INTR) => false,
@@ -80,7 +81,11 @@ impl Inner {
                 return;
             }
             if !ready {
-                // A safety tick: sweep only if SIGCHLD no longer reaches us.
+                // A safety tick: sweep only if children are watched and
+                // SIGCHLD no longer reaches us.
+                if self.registry.len() == 0 {
+                    continue;
+                }
                 let now = sigchld_disposition().ok();
                 if now == expected {
                     continue;

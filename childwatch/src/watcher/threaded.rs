@@ -13,8 +13,9 @@
 //! The fallback chain when a thread cannot be started (`EAGAIN`: the process
 //! or user hit its thread limit): the child goes to one shared overflow
 //! thread that polls its children on a back-off; if that cannot start
-//! either, the child stays on the overflow list, checked by every waiter
-//! thread before it ends and at every registration, with an error logged.
+//! either, the same polling runs as timers of the loop running at
+//! registration, and the list is also checked by every waiter thread
+//! before it ends and at every registration, with an error logged.
 //! A registration never fails for want of a thread and no child is dropped.
 //! A panicking callback (run inline when no loop was running) is caught and
 //! logged; the thread goes on.
@@ -31,7 +32,7 @@ use std::time::Duration;
 use super::child::{ChildHandle, Reaped};
 use super::registry::{Added, Registry, Target};
 use super::{ChildCallback, ChildWatcher, Pid, ReturnCode};
-use crate::event_loop::EventLoop;
+use crate::event_loop::{EventLoop, get_running_loop};
 
 /// Stack size of a waiter thread: it only calls `waitid` and delivers.
 const WAITER_STACK: usize = 64 * 1024;
@@ -206,13 +207,48 @@ pub(super) fn overflow_watch(child: ChildHandle, on_exit: OnExit) {
         .spawn(overflow_poller)
     {
         Ok(_) => ov.1 = true,
-        Err(e) => tracing::error!(
-            "cannot start the overflow poller thread ({e}): {} children are checked only when \
-             another waiter thread ends or a child is registered; lower the number of live \
-             children or raise the thread limit (ulimit -u)",
-            ov.0.len()
-        ),
+        Err(e) => {
+            let on_loop = get_running_loop();
+            tracing::error!(
+                "cannot start the overflow poller thread ({e}): {} children are checked {}, \
+                 when another waiter thread ends and when a child is registered; lower the \
+                 number of live children or raise the thread limit (ulimit -u)",
+                ov.0.len(),
+                if on_loop.is_some() {
+                    "from the running event loop"
+                } else {
+                    "only"
+                }
+            );
+            drop(ov);
+            if let Some(lp) = on_loop {
+                poll_from_loop(&lp, Duration::from_millis(1));
+            }
+        }
     }
+}
+
+/// The overflow poller as timers of the running loop, for when no thread
+/// can start: polls the overflow list with the same back-off until it is
+/// empty or a poller thread runs.
+fn poll_from_loop(lp: &EventLoop, pause: Duration) {
+    lp.call_later(pause, move || {
+        if OVERFLOW.lock().unwrap_or_else(|p| p.into_inner()).1 {
+            return; // a poller thread took over
+        }
+        let (empty, n) = overflow_pass();
+        if empty {
+            return;
+        }
+        let next = if n == 0 {
+            (pause * 2).min(Duration::from_millis(50))
+        } else {
+            Duration::from_millis(1)
+        };
+        if let Some(lp) = get_running_loop() {
+            poll_from_loop(&lp, next);
+        }
+    });
 }
 
 /// One pass over the overflow list: reaps (through each child's gate) and
