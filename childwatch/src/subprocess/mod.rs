@@ -36,7 +36,7 @@
 //! # Signals never reach a recycled pid
 //!
 //! The spawn makes one [`ChildHandle`](crate::ChildHandle) for the child and
-//! registers it with the watcher ([`ChildWatcher::add_child`]). The watchers
+//! registers it with the watcher ([`ChildWatcher::add_child`](crate::ChildWatcher::add_child)). The watchers
 //! of this crate reap the child only through that handle's gate, recording
 //! the status in the same step, and [`Process::send_signal`] decides under
 //! the same gate: while it holds it the child cannot be reaped, so its pid

@@ -11,8 +11,13 @@
 //! reaper of the process.
 //!
 //! How it learns of an exit: a SIGCHLD handler installed with the attached
-//! loop's `add_signal_handler` runs on the loop's thread and calls
-//! `waitpid(-1, WNOHANG)` until it reports nothing more.
+//! loop's `add_signal_handler` runs on the loop's thread and asks
+//! `waitid(P_ALL, WNOHANG | WNOWAIT)` for a zombie until none is left; a
+//! registered one is reaped through its gate (`ChildHandle::try_reap`), any
+//! other with `waitid(P_PID)`. A SIGCHLD that finds no zombie means someone
+//! else reaped a child: the registered children are checked then, and one
+//! taken by others gets 255 rather than a hang. A replaced SIGCHLD is
+//! noticed by a 250 ms safety check (see `attach.rs`).
 //!
 //! Cost: O(1) per exit, independent of how many children are watched; no
 //! thread, no descriptor.

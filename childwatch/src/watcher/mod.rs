@@ -2,15 +2,22 @@
 //!
 //! The [`ChildWatcher`] trait is asyncio's `AbstractChildWatcher` contract;
 //! each implementation lives in its own file and says in its header how it
-//! learns of an exit, what that costs and when to choose it:
+//! learns of an exit, what that costs and when to choose it. However they
+//! learn of it, every watcher reaps a child only through that child's
+//! [`ChildHandle`] (`child.rs`): one gate per child process, under which
+//! the status is recorded and `Process::send_signal` decides, so a status
+//! reaches only the registration of its own process and a signal never a
+//! recycled pid. What follows an exit (pid → callback, replace, remove,
+//! delivery to the right loop) is shared in `registry.rs`; the one fallback
+//! chain (waiter thread → overflow poller) in `threaded.rs`.
 //!
 //! | watcher | how it learns of an exit | cost per exit | threads | fds per child | reaps others' children |
 //! |---|---|---|---|---|---|
-//! | [`ThreadedChildWatcher`] | a thread per child blocks in `waitpid(pid)` | O(1) | 1 per child | 0 | no |
-//! | [`SafeChildWatcher`] | SIGCHLD on the attached loop → `waitpid(pid, WNOHANG)` per registered pid | O(n) | 0 | 0 | no |
-//! | [`FastChildWatcher`] | SIGCHLD on the attached loop → `waitpid(-1, WNOHANG)` until empty | O(1) | 0 | 0 | **yes** |
-//! | [`MultiLoopChildWatcher`] | process-wide SIGCHLD → helper thread → `waitpid(pid, WNOHANG)` per pid | O(n) | 1 helper | 0 | no |
-//! | [`PidfdChildWatcher`] | pidfd readable on the running loop → `waitid(P_PIDFD)` | O(1) | 0 | 1 | no |
+//! | [`ThreadedChildWatcher`] | a thread per child blocks in `waitid(pid, WNOWAIT)` | O(1) | 1 per child | 0 | no |
+//! | [`SafeChildWatcher`] | SIGCHLD on the attached loop → try each registered child | O(n) | 0 | 0 | no |
+//! | [`FastChildWatcher`] | SIGCHLD on the attached loop → `waitid(P_ALL, WNOWAIT)` until no zombie | O(1) | 0 | 0 | **yes** |
+//! | [`MultiLoopChildWatcher`] | process-wide SIGCHLD → helper thread → try each registered child | O(n) | 1 helper | 0 | no |
+//! | [`PidfdChildWatcher`] | pidfd readable on the running loop | O(1) | 0 | 1 | no |
 //! | `WindowsChildWatcher` (Windows) | a one-shot thread-pool wait on the process handle (`RegisterWaitForSingleObject`) | O(1) | 0 of ours (pool threads, 63 waits each) | 1 process handle | no |
 
 use std::io;

@@ -1,5 +1,6 @@
 //! `MultiLoopChildWatcher`: a process-wide SIGCHLD handler wakes one helper
-//! thread, which polls every registered child with `waitpid(pid, WNOHANG)`.
+//! thread, which tries every registered child with a non-blocking reap
+//! through its gate (`ChildHandle::try_reap`).
 //!
 //! How it learns of an exit: a SIGCHLD action registered with
 //! `signal-hook-registry` (chained with any other SIGCHLD handler of the
@@ -8,7 +9,7 @@
 //! goes to the loop that was running when `add_child_handler` was called, or
 //! runs on the helper thread when none was.
 //!
-//! Cost: O(n) `waitpid` calls per SIGCHLD with n children registered
+//! Cost: O(n) `waitid` calls per SIGCHLD with n children registered
 //! (signals coalesce, so a burst of exits costs one sweep), one helper thread
 //! and one eventfd for the whole watcher, nothing per child. It reaps only
 //! its registered pids.

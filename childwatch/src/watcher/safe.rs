@@ -1,13 +1,16 @@
-//! `SafeChildWatcher`: SIGCHLD on the attached loop, then `waitpid(pid,
-//! WNOHANG)` for every registered pid.
+//! `SafeChildWatcher`: SIGCHLD on the attached loop, then a non-blocking
+//! reap of every registered child.
 //!
 //! How it learns of an exit: a SIGCHLD handler installed with the attached
-//! loop's `add_signal_handler` runs on that loop's thread and polls each
-//! registered child with a non-blocking `waitpid(pid)`.
+//! loop's `add_signal_handler` runs on that loop's thread and tries each
+//! registered child with a non-blocking `waitid(P_PID)` made under the
+//! child's gate (`ChildHandle::try_reap`), so the status is recorded in the
+//! step that `Process::send_signal` respects. If SIGCHLD is replaced after
+//! attach, a 250 ms safety check notices and sweeps (see `attach.rs`).
 //!
 //! Cost: O(n) system calls per SIGCHLD with n children registered (signals
 //! coalesce, so a burst of exits costs one sweep, but 1,000 live children mean
-//! 1,000 `waitpid` calls for each exit). No thread, no descriptor. It touches
+//! 1,000 `waitid` calls for each exit). No thread, no descriptor. It touches
 //! only the pids it was given, so it never steals another library's child.
 //!
 //! When to choose it: a handful of children on one loop, where not reaping
