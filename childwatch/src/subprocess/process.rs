@@ -20,14 +20,14 @@ use crate::watcher::{Pid, ReturnCode};
 /// A running (or finished) child (asyncio's `asyncio.subprocess.Process`).
 ///
 /// Dropping it leaves the child running unless the command asked for
-/// [`Command::kill_on_drop`]; either way the watcher reaps the child when it
+/// [`Command::kill_on_drop`](crate::Command::kill_on_drop); either way the watcher reaps the child when it
 /// exits, so there is no zombie.
 pub struct Process {
-    /// The child's stdin, if it was [`Stdio::piped`].
+    /// The child's stdin, if it was [`Stdio::piped`](crate::Stdio::piped).
     pub stdin: Option<ChildStdin>,
-    /// The child's stdout, if it was [`Stdio::piped`].
+    /// The child's stdout, if it was [`Stdio::piped`](crate::Stdio::piped).
     pub stdout: Option<ChildStdout>,
-    /// The child's stderr, if it was [`Stdio::piped`].
+    /// The child's stderr, if it was [`Stdio::piped`](crate::Stdio::piped).
     pub stderr: Option<ChildStderr>,
     core: ChildCore,
     kill_on_drop: bool,
