@@ -90,7 +90,7 @@ pub struct BenchArgs {
     pub quick: bool,
     /// The design's sizes (2,000 spawns; 1,000 + 1,000 mixed; 1,000 others
     /// for latency; 10,000 live children for scale, on both loop kinds).
-    /// Takes a few minutes; the default run is sized to take about one.
+    /// Takes a few minutes, where the default run takes about a minute.
     #[arg(long)]
     pub full: bool,
 }
