@@ -99,7 +99,8 @@ pub struct RunArgs {
     /// Print output in job order instead of completion order.
     #[arg(short = 'k', long)]
     pub keep_order: bool,
-    /// Prefix each output line with the job's arguments and a tab.
+    /// Prefix each output line with the job's arguments (space-separated)
+    /// and a tab.
     #[arg(long)]
     pub tag: bool,
     /// Write a GNU-parallel-style joblog to FILE.
@@ -405,10 +406,12 @@ struct Opts {
 /// Runs `childwatch run`; returns the exit status.
 pub fn command(args: RunArgs) -> Result<i32> {
     let split = input::split_words(&args.command)?;
-    let mut sources = split.sources;
+    // -a files are the first sources, before ::: and :::: (GNU parallel).
+    let mut sources = Vec::new();
     for f in &args.arg_file {
         sources.push(Source::open(f)?);
     }
+    sources.extend(split.sources);
     if sources.is_empty() {
         sources.push(Source::stdin());
     }
@@ -582,9 +585,15 @@ pub fn command(args: RunArgs) -> Result<i32> {
     Ok(match st.stop.get() {
         Some(Stop::Signal(sig)) => 128 + sig,
         Some(Stop::Pipe) => 128 + libc::SIGPIPE,
-        _ => match st.halt_status.get() {
-            Some(s) => s,
-            None => counts.failed.min(101) as i32,
+        _ => match (st.halt_status.get(), st.opts.halt) {
+            (Some(s), _) => s,
+            // With a percentage, GNU parallel's status is the percentage of
+            // jobs that failed, whether or not the halt was reached.
+            (None, Some(h)) if h.percent => {
+                let total = st.total_known().unwrap_or(received).max(1);
+                (counts.failed * 100).div_ceil(total).min(100) as i32
+            }
+            _ => counts.failed.min(101) as i32,
         },
     })
 }
@@ -776,7 +785,8 @@ impl Job {
         template::command_line(&self.argv)
     }
     fn tag(&self) -> Vec<u8> {
-        self.args.join(&b'\t')
+        // GNU parallel: the arguments separated by spaces.
+        self.args.join(&b' ')
     }
 }
 
@@ -885,7 +895,7 @@ fn results_files(
     };
     let dir = output::results_dir(root, &job.args);
     std::fs::create_dir_all(&dir)?;
-    std::fs::write(dir.join("seq"), format!("{}\n", job.seq))?;
+    std::fs::write(dir.join("seq"), job.seq.to_string())?;
     Ok((
         Some(std::fs::File::create(dir.join("stdout"))?),
         Some(std::fs::File::create(dir.join("stderr"))?),
@@ -1166,7 +1176,12 @@ fn check_halt(st: &State, job: &Job, o: &Outcome) {
         HaltOn::Done => format!("job {} finished", job.seq),
     };
     drop(c);
-    if h.now {
+    if running.is_empty() {
+        say(
+            st,
+            &format!("childwatch: {why}; --halt: starting no new jobs"),
+        );
+    } else if h.now {
         say(
             st,
             &format!(

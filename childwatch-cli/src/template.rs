@@ -83,11 +83,6 @@ struct Word {
 }
 
 impl Word {
-    fn has_args(&self) -> bool {
-        self.pieces
-            .iter()
-            .any(|p| matches!(p, Piece::Rs(Rs::Arg { .. })))
-    }
     fn has_multi(&self) -> bool {
         self.pieces
             .iter()
@@ -159,7 +154,11 @@ impl Template {
                 shell: shell_line || (script_at == Some(i) && !whole_value),
             });
         }
-        let any_args = parsed.iter().any(Word::has_args);
+        // Any replacement string, {#} included, means "the template says
+        // where values go": nothing is appended (GNU parallel's rule).
+        let any_args = parsed
+            .iter()
+            .any(|w| w.pieces.iter().any(|p| matches!(p, Piece::Rs(_))));
         Ok(Template {
             words: parsed,
             shell_line,
