@@ -11,6 +11,10 @@
 //! input arrives and memory does not grow with the number of input lines:
 //! the first source is streamed; the others are held (they are needed once
 //! per value of the first).
+//!
+//! `--pipe` cuts the input into blocks instead ([`produce_blocks`]): whole
+//! records, at most `--block` bytes each, each fed to one job's standard
+//! input.
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -118,6 +122,8 @@ pub struct Record {
     pub seq: u64,
     /// The arguments (one per source, times `-n`).
     pub args: Vec<Vec<u8>>,
+    /// `--pipe`: the block of input the job reads on its stdin.
+    pub block: Option<Vec<u8>>,
 }
 
 /// How records are cut from the input and grouped into jobs.
@@ -223,7 +229,12 @@ pub fn produce(
         if skip(*seq) {
             return true;
         }
-        tx.send_blocking(Record { seq: *seq, args }).is_ok()
+        tx.send_blocking(Record {
+            seq: *seq,
+            args,
+            block: None,
+        })
+        .is_ok()
     };
     while let Some(v) = first.next()? {
         // Every combination of this value with one of each held source.
@@ -282,6 +293,59 @@ pub fn produce(
     Ok(seq)
 }
 
+/// `--pipe`: cuts the first source into blocks of whole records, each at
+/// most `size` bytes (a longer record is a block of its own), as GNU
+/// parallel splits at the last record end within a block; one job each. Returns how many blocks there were.
+pub fn produce_blocks(
+    mut sources: Vec<Source>,
+    sep: u8,
+    size: usize,
+    skip: impl Fn(u64) -> bool,
+    tx: async_channel::Sender<Record>,
+) -> Result<u64> {
+    if sources.len() != 1 {
+        bail!(
+            "--pipe reads one input (standard input, or one -a/:::: file); ::: values do not apply"
+        );
+    }
+    let mut seq = 0u64;
+    let mut block = Vec::with_capacity(size + 4096);
+    let send = |block: Vec<u8>, seq: &mut u64| -> bool {
+        *seq += 1;
+        if skip(*seq) {
+            return true;
+        }
+        tx.send_blocking(Record {
+            seq: *seq,
+            args: Vec::new(),
+            block: Some(block),
+        })
+        .is_ok()
+    };
+    match sources.remove(0) {
+        Source::Values(_) => unreachable!("checked by the caller"),
+        Source::Reader(mut r) => {
+            let mut rec = Vec::new();
+            loop {
+                rec.clear();
+                let n = r
+                    .read_until(sep, &mut rec)
+                    .context("cannot read the input")?;
+                if n == 0 || (!block.is_empty() && block.len() + rec.len() > size) {
+                    let full = std::mem::replace(&mut block, Vec::with_capacity(size + 4096));
+                    if !full.is_empty() && !send(full, &mut seq) {
+                        return Ok(seq);
+                    }
+                    if n == 0 {
+                        return Ok(seq);
+                    }
+                }
+                block.extend_from_slice(&rec);
+            }
+        }
+    }
+}
+
 /// Reads a whole stream (used by tests).
 #[cfg(test)]
 fn collect(sources: Vec<Source>, g: Grouping) -> Vec<Vec<String>> {
@@ -333,6 +397,23 @@ mod tests {
         gg.max_bytes = Some(4);
         let got = collect(vec![vals(&["a", "b", "c"])], gg);
         assert_eq!(got, vec![vec!["a", "b"], vec!["c"]]);
+    }
+
+    #[test]
+    fn pipe_blocks_end_at_record_ends() {
+        let src = Source::Reader(Box::new(&b"1\n2\n3\n4\n5\n6\n7\n8\n9\n10\n"[..]));
+        let (tx, rx) = async_channel::unbounded();
+        assert_eq!(
+            produce_blocks(vec![src], b'\n', 6, |_| false, tx).unwrap(),
+            4
+        );
+        let blocks: Vec<Vec<u8>> = std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|r| r.block.unwrap())
+            .collect();
+        assert_eq!(
+            blocks,
+            [&b"1\n2\n3\n"[..], b"4\n5\n6\n", b"7\n8\n9\n", b"10\n"]
+        );
     }
 
     #[test]

@@ -163,6 +163,15 @@ pub struct RunArgs {
     /// Show the estimated time left in the progress bar.
     #[arg(long)]
     pub eta: bool,
+    /// Split standard input (or the -a/:::: file) into blocks and give each
+    /// job one block on its stdin, instead of arguments (GNU parallel
+    /// --pipe).
+    #[arg(long)]
+    pub pipe: bool,
+    /// Largest --pipe block: bytes, or with k, M, G (default 1M); blocks
+    /// are whole records (lines, or NUL-ended with -0).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, requires = "pipe")]
+    pub block: Option<usize>,
     /// Paste values into shell scripts as they are, unquoted.
     #[arg(short = 'q', long)]
     pub quote: bool,
@@ -220,6 +229,21 @@ fn parse_count(s: &str) -> Result<usize, String> {
         Ok(n) => Ok(n),
         Err(_) => Err(format!("'{s}' is not a positive number")),
     }
+}
+
+fn parse_size(s: &str) -> Result<usize, String> {
+    let bad = || format!("'{s}' is not a size; use bytes or a number with k, M or G (1M)");
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&s[..i], 1usize << 10),
+        Some((i, 'm' | 'M')) => (&s[..i], 1 << 20),
+        Some((i, 'g' | 'G')) => (&s[..i], 1 << 30),
+        _ => (s, 1),
+    };
+    let n: f64 = num.parse().map_err(|_| bad())?;
+    if !(n.is_finite() && n >= 1.0) || n * mult as f64 > (1u64 << 40) as f64 {
+        return Err(bad());
+    }
+    Ok((n * mult as f64) as usize)
 }
 
 fn parse_secs(s: &str) -> Result<Duration, String> {
@@ -368,6 +392,7 @@ struct Counts {
 }
 
 struct State {
+    lp: EventLoop,
     rx: async_channel::Receiver<Record>,
     template: Template,
     /// Records received so far (the order output is printed in with -k).
@@ -426,6 +451,16 @@ pub fn command(args: RunArgs) -> Result<i32> {
     };
     let max_args = sources.len().saturating_mul(per_job.min(1 << 20));
     let template = Template::parse(&split.template, !args.quote, multi, max_args)?;
+    if args.pipe {
+        if template.is_empty() {
+            bail!("--pipe needs a command to feed the blocks to (childwatch run --pipe CMD)");
+        }
+        if sources.iter().any(|s| matches!(s, Source::Values(_))) {
+            bail!(
+                "--pipe reads one input (standard input, or one -a/:::: file); ::: values do not apply"
+            );
+        }
+    }
     let grouping = Grouping {
         sep: if args.null { 0 } else { b'\n' },
         per_job: if template.is_empty() { 1 } else { per_job },
@@ -487,10 +522,16 @@ pub fn command(args: RunArgs) -> Result<i32> {
     let (tx, rx) = async_channel::bounded::<Record>(width.saturating_mul(2).clamp(16, 4096));
     let total = Arc::new(Mutex::new(None));
     let total2 = Arc::clone(&total);
+    let pipe_block = args.pipe.then(|| args.block.unwrap_or(1 << 20));
     let reader = std::thread::Builder::new()
         .name("childwatch-input".into())
         .spawn(move || {
-            let r = input::produce(sources, grouping, |s| skip.contains(&s), tx);
+            let r = match pipe_block {
+                Some(size) => {
+                    input::produce_blocks(sources, grouping.sep, size, |s| skip.contains(&s), tx)
+                }
+                None => input::produce(sources, grouping, |s| skip.contains(&s), tx),
+            };
             if let Ok(n) = &r {
                 if let Ok(mut t) = total2.lock() {
                     *t = Some(*n);
@@ -502,6 +543,7 @@ pub fn command(args: RunArgs) -> Result<i32> {
 
     let (lp, watcher) = watchers::setup(kind, args.watcher)?;
     let st = Rc::new(State {
+        lp: lp.clone(),
         rx,
         template,
         received: Cell::new(0),
@@ -778,6 +820,8 @@ struct Job {
     order: u64,
     args: Vec<Vec<u8>>,
     argv: Vec<OsString>,
+    /// `--pipe`: what the job reads on stdin.
+    block: Option<Vec<u8>>,
 }
 
 impl Job {
@@ -817,6 +861,7 @@ async fn worker(st: Rc<State>, lp: EventLoop, slot: usize) {
             order,
             args: rec.args,
             argv,
+            block: rec.block,
         };
         if st.opts.dry_run {
             let mut line = job.command_line();
@@ -852,6 +897,16 @@ fn spawn_error_rc(e: &std::io::Error) -> ReturnCode {
         std::io::ErrorKind::NotFound => 127,
         std::io::ErrorKind::PermissionDenied => 126,
         _ => 255,
+    }
+}
+
+/// `--pipe`: writes the job's block to its stdin and closes it. A job that
+/// exits without reading it all is not an error (GNU parallel's `head`).
+async fn feed<W: futures_lite::AsyncWrite + Unpin>(pipe: Option<W>, block: Option<&[u8]>) {
+    use futures_lite::AsyncWriteExt;
+    if let (Some(mut w), Some(b)) = (pipe, block) {
+        let _ = w.write_all(b).await;
+        let _ = w.close().await;
     }
 }
 
@@ -920,7 +975,11 @@ async fn run_one(st: &Rc<State>, lp: &EventLoop, job: &Job) -> Outcome {
         .env("PARALLEL_SEQ", job.seq.to_string())
         .env("PARALLEL_JOBSLOT", job.slot.to_string())
         .env("PARALLEL_PID", std::process::id().to_string())
-        .stdin(Stdio::null())
+        .stdin(if job.block.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
@@ -949,6 +1008,7 @@ async fn run_one(st: &Rc<State>, lp: &EventLoop, job: &Job) -> Outcome {
     };
     let out_pipe = p.stdout.take();
     let err_pipe = p.stderr.take();
+    let in_pipe = p.stdin.take();
     let p = Rc::new(Running {
         process: p,
         open_pipes: Cell::new(2),
@@ -980,8 +1040,11 @@ async fn run_one(st: &Rc<State>, lp: &EventLoop, job: &Job) -> Outcome {
     }
     let rc = {
         let mut reads = pin!(futures_lite::future::zip(
-            pump(st, out_pipe, &mut out, &p),
-            pump(st, err_pipe, &mut err, &p),
+            futures_lite::future::zip(
+                pump(st, out_pipe, &mut out, &p),
+                pump(st, err_pipe, &mut err, &p),
+            ),
+            feed(in_pipe, job.block.as_deref()),
         ));
         let mut wait = pin!(p.process.wait());
         enum First {
@@ -1191,6 +1254,10 @@ fn check_halt(st: &State, job: &Job, o: &Outcome) {
         );
         for p in running {
             signal_job(&p, libc::SIGTERM);
+            // Then SIGKILL after the grace, for jobs that ignore SIGTERM
+            // (a no-op for those gone by then: see signal_job).
+            st.lp
+                .call_later(st.opts.grace, move || signal_job(&p, libc::SIGKILL));
         }
     } else {
         say(
@@ -1232,6 +1299,12 @@ mod tests {
         assert_eq!(jobs_for(JobsSpec::Relative(-4), 2, 99), 1);
         assert_eq!(jobs_for(JobsSpec::Percent(50), 3, 99), 2);
         assert_eq!(jobs_for(JobsSpec::Max, 3, 99), 99);
+        assert_eq!(parse_size("1M"), Ok(1 << 20));
+        assert_eq!(parse_size("10k"), Ok(10240));
+        assert_eq!(parse_size("6"), Ok(6));
+        for bad in ["0", "x", "1T", "-1k"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
         assert_eq!(parse_secs("0.5"), Ok(Duration::from_millis(500)));
         for bad in ["0", "-2", "nan", "inf", "x"] {
             assert!(parse_secs(bad).is_err(), "{bad}");

@@ -303,6 +303,27 @@ fn halt_conditions_and_exit_statuses() {
     ]);
     assert_eq!(o.status.code(), Some(7));
     assert_eq!(text(&o.stdout), "late\n");
+    // A job that ignores SIGTERM gets SIGKILL after --grace.
+    let t0 = Instant::now();
+    let o = run(&[
+        "-j2",
+        "--grace",
+        "0.5",
+        "--halt",
+        "now,fail=1",
+        "sh",
+        "-c",
+        "{}",
+        ":::",
+        "trap '' TERM; sleep 30; sleep 30",
+        "sleep 0.3; exit 4",
+    ]);
+    assert_eq!(o.status.code(), Some(4));
+    assert!(
+        t0.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        t0.elapsed()
+    );
     let o = run(&["--halt", "sometimes", "true", ":::", "a"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(text(&o.stderr).contains("not a halt condition"));
@@ -472,4 +493,33 @@ fn joblog_receive_is_stdout_bytes() {
     assert_eq!((rows[0][4].as_str(), rows[0][5].as_str()), ("0", "5"));
     assert_eq!(rows[1][5], "300");
     std::fs::remove_dir_all(d).unwrap();
+}
+
+#[test]
+fn pipe_feeds_blocks_to_stdin() {
+    // GNU parallel: seq 10 | parallel --pipe --block 6 -k wc -l
+    let o = run_stdin(&["--pipe", "--block", "6", "-k", "wc", "-l"], &seq(10));
+    assert_eq!(ok(&o), "3\n3\n3\n1\n");
+    // {#} counts blocks; a job that does not read its block does not hang
+    // the run. GNU parallel: seq 4 | parallel --pipe --block 3 -k 'echo {#}'
+    let o = run_stdin(
+        &[
+            "--pipe", "--block", "3", "-k", "-j", "2", "sh", "-c", "echo {#}",
+        ],
+        &seq(4),
+    );
+    assert_eq!(ok(&o), "1\n2\n3\n4\n");
+    let big: Vec<u8> = (0..200_000)
+        .map(|i| format!("line {i}\n"))
+        .collect::<String>()
+        .into_bytes();
+    let o = run_stdin(&["--pipe", "--block", "64k", "wc", "-c"], &big);
+    let total: usize = ok(&o)
+        .lines()
+        .map(|l| l.trim().parse::<usize>().unwrap())
+        .sum();
+    assert_eq!(total, big.len());
+    let o = run(&["--pipe", "wc", ":::", "a"]);
+    assert_eq!(o.status.code(), Some(255));
+    assert!(text(&o.stderr).contains("--pipe reads one input"));
 }
