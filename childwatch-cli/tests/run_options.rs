@@ -465,11 +465,24 @@ fn sequence_and_slot_variables() {
 }
 
 #[test]
-fn bar_options_are_accepted_and_keep_stdout_clean() {
+fn bar_options_keep_stdout_clean_and_report_progress_off_a_terminal() {
     for flag in ["--bar", "--no-bar", "--eta"] {
         let o = run(&[flag, "-k", "echo", ":::", "a", "b"]);
         assert_eq!(ok(&o), "a\nb\n", "{flag}");
+        let err = text(&o.stderr);
+        if flag == "--no-bar" {
+            assert!(err.is_empty(), "{err}");
+        } else {
+            // stderr is a pipe here: a plain line instead of a bar.
+            assert!(err.contains("2/2 jobs done, 0 failed"), "{flag}: {err}");
+        }
+        if flag == "--eta" {
+            assert!(err.contains("ETA 0s"), "{err}");
+        }
     }
+    // Without a flag and off a terminal, nothing extra is printed.
+    let o = run(&["echo", ":::", "a"]);
+    assert!(o.stderr.is_empty(), "{}", text(&o.stderr));
 }
 
 #[test]

@@ -116,7 +116,8 @@ pub struct RunArgs {
     /// Wait SECS between job starts.
     #[arg(long, value_name = "SECS", allow_hyphen_values = true, value_parser = parse_secs)]
     pub delay: Option<Duration>,
-    /// Show a progress bar (default: when stderr is a terminal).
+    /// Show a progress bar (default: when stderr is a terminal; elsewhere
+    /// a "N/M jobs done" line at most once a second).
     #[arg(long, overrides_with = "no_bar")]
     pub bar: bool,
     /// Never show the progress bar.

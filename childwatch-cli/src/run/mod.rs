@@ -87,6 +87,7 @@ struct State {
     joblog: RefCell<Option<JobLog>>,
     error: RefCell<Option<anyhow::Error>>,
     progress: Option<ProgressBar>,
+    plain_progress: Option<PlainProgress>,
     next_start: Cell<Instant>,
     /// The exit status `--halt` decided.
     halt_status: Cell<Option<i32>>,
@@ -175,9 +176,17 @@ pub fn command(args: RunArgs) -> Result<i32> {
     if args.dry_run {
         width = 1;
     }
-    let show_bar =
-        !args.no_bar && !args.dry_run && (args.bar || args.eta || std::io::stderr().is_terminal());
-    let progress = show_bar.then(|| {
+    let on_terminal = std::io::stderr().is_terminal();
+    let show_bar = !args.no_bar && !args.dry_run && (args.bar || args.eta || on_terminal);
+    // Off a terminal the bar cannot be drawn: --bar/--eta then print a
+    // plain progress line at most once a second (and at the end).
+    let plain_progress = (show_bar && !on_terminal).then(|| PlainProgress {
+        start: Instant::now(),
+        last: Cell::new(None),
+        shown: Cell::new(0),
+        eta: args.eta,
+    });
+    let progress = (show_bar && on_terminal).then(|| {
         let pb = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
         let eta = if args.eta { " ETA {eta}," } else { "" };
         if let Ok(style) = ProgressStyle::with_template(&format!(
@@ -236,6 +245,7 @@ pub fn command(args: RunArgs) -> Result<i32> {
         joblog: RefCell::new(joblog),
         error: RefCell::new(None),
         progress,
+        plain_progress,
         next_start: Cell::new(Instant::now()),
         halt_status: Cell::new(None),
         opts: Opts {
@@ -257,6 +267,7 @@ pub fn command(args: RunArgs) -> Result<i32> {
     if let Some(pb) = &st.progress {
         pb.finish_and_clear();
     }
+    report_plain_progress(&st, true);
     if let Some(e) = st.error.borrow_mut().take() {
         return Err(e);
     }
@@ -546,6 +557,47 @@ fn show_progress(st: &State) {
     }
 }
 
+/// `--bar`/`--eta` when stderr is not a terminal.
+struct PlainProgress {
+    start: Instant,
+    last: Cell<Option<Instant>>,
+    /// Jobs done at the last line printed.
+    shown: Cell<u64>,
+    eta: bool,
+}
+
+/// Prints "N/M jobs done" off a terminal, at most once a second and when
+/// the last job is done.
+fn report_plain_progress(st: &State, at_end: bool) {
+    let Some(pp) = &st.plain_progress else { return };
+    let (done, failed) = {
+        let c = st.counts.borrow();
+        (c.done, c.failed)
+    };
+    let total = st.total_known();
+    let now = Instant::now();
+    let last_one = total == Some(done) || at_end;
+    let recent = pp
+        .last
+        .get()
+        .is_some_and(|t| now - t < Duration::from_secs(1));
+    if done == 0 || pp.shown.get() == done || (recent && !last_one) {
+        return;
+    }
+    pp.last.set(Some(now));
+    pp.shown.set(done);
+    let total_s = total.map_or("?".to_string(), |t| t.to_string());
+    let mut line = format!("childwatch: {done}/{total_s} jobs done, {failed} failed");
+    if let (true, Some(t)) = (pp.eta, total) {
+        let per = (now - pp.start).as_secs_f64() / done.max(1) as f64;
+        line.push_str(&format!(
+            ", ETA {:.0}s",
+            per * t.saturating_sub(done) as f64
+        ));
+    }
+    eprintln!("{line}");
+}
+
 fn finish(st: &State, job: &Job, o: Outcome) {
     // A job that outlived its timeout failed, even if its leader exited 0
     // (something it started kept its output open).
@@ -564,6 +616,7 @@ fn finish(st: &State, job: &Job, o: Outcome) {
         }
     }
     show_progress(st);
+    report_plain_progress(st, false);
     if let Some(log) = st.joblog.borrow_mut().as_mut() {
         let (exitval, signal) = if o.rc < 0 && o.killed {
             (-1, -o.rc)
