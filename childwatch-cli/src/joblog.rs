@@ -3,8 +3,9 @@
 //!
 //! Columns: `Seq Host Starttime JobRuntime Send Receive Exitval Signal
 //! Command`. Host is `:` (this machine), Starttime is seconds since the
-//! epoch with millisecond precision, Send is 0 (no remote hosts) and
-//! Receive the bytes the job wrote to stdout, as in GNU parallel. As there,
+//! epoch with millisecond precision, Send the bytes of the job's `--pipe`
+//! block (else 0: no remote hosts) and Receive the bytes the job wrote to
+//! stdout, as in GNU parallel. As there,
 //! Exitval is -1 for a job that we killed (timeout, Ctrl-C) and Signal the
 //! signal that ended it.
 //!
@@ -43,6 +44,8 @@ pub struct Entry<'a> {
     pub exitval: i32,
     /// The signal that ended it, else 0.
     pub signal: i32,
+    /// Bytes given to the job's stdin (`--pipe`), else 0.
+    pub send: u64,
     /// Bytes of stdout.
     pub receive: u64,
     /// The command line (bytes: arguments need not be UTF-8).
@@ -100,10 +103,11 @@ impl JobLog {
             .collect();
         write!(
             self.out,
-            "{}\t:\t{:14.3}\t{:10.3}\t0\t{}\t{}\t{}\t",
+            "{}\t:\t{:14.3}\t{:10.3}\t{}\t{}\t{}\t{}\t",
             e.seq,
             start,
             e.runtime.as_secs_f64(),
+            e.send,
             e.receive,
             e.exitval,
             e.signal,

@@ -78,7 +78,7 @@ fn cpus() -> usize {
 /// that every slot gets one: each worker takes one at once).
 fn max_slot(jobs: &[&str]) -> usize {
     let mut args: Vec<String> = jobs.iter().map(|s| s.to_string()).collect();
-    args.extend(["--", "sh", "-c", "sleep 0.2; echo {%}", ":::"].map(String::from));
+    args.extend(["--", "sh", "-c", "sleep 0.5; echo {%}", ":::"].map(String::from));
     args.extend((0..3 * (cpus() + 2)).map(|i| i.to_string()));
     let out = ok(&run(&args));
     out.lines()

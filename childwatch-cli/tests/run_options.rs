@@ -331,15 +331,19 @@ fn halt_conditions_and_exit_statuses() {
 
 #[test]
 fn line_buffer_prints_whole_lines_as_they_come() {
-    let o = run(&[
-        "--line-buffer",
-        "-j2",
-        "echo {}1; sleep 0.{}; echo {}2",
-        ":::",
-        "5",
-        "1",
-    ]);
-    assert_eq!(ok(&o), "51\n11\n12\n52\n");
+    // A prints a line, then another 2 s later; B prints one as soon as A's
+    // first line is out. Lines come as they are written (grouped output
+    // would be B1 A1 A2).
+    let d = tmpdir("linebuf");
+    let m = d.join("m");
+    let a = format!("echo A1; touch {}; sleep 2; echo A2", m.display());
+    let b = format!(
+        "while [ ! -e {} ]; do sleep 0.02; done; echo B1",
+        m.display()
+    );
+    let o = run(&["--line-buffer", "-j2", "sh", "-c", "{}", ":::", &a, &b]);
+    assert_eq!(ok(&o), "A1\nB1\nA2\n");
+    std::fs::remove_dir_all(d).unwrap();
     // A line is never split even when written in pieces.
     let o = run(&[
         "--line-buffer",
@@ -357,15 +361,17 @@ fn line_buffer_prints_whole_lines_as_they_come() {
 
 #[test]
 fn ungroup_prints_bytes_as_they_come() {
-    let o = run(&[
-        "-u",
-        "-j2",
-        "printf {}; sleep 0.{}; echo {}",
-        ":::",
-        "5",
-        "1",
-    ]);
-    assert_eq!(ok(&o), "511\n5\n");
+    // A's first bytes have no newline; B's line comes in the middle of A's.
+    let d = tmpdir("ungroup");
+    let m = d.join("m");
+    let a = format!("printf A; touch {}; sleep 2; echo A", m.display());
+    let b = format!(
+        "while [ ! -e {} ]; do sleep 0.02; done; echo B",
+        m.display()
+    );
+    let o = run(&["-u", "-j2", "sh", "-c", "{}", ":::", &a, &b]);
+    assert_eq!(ok(&o), "AB\nA\n");
+    std::fs::remove_dir_all(d).unwrap();
 }
 
 #[test]
@@ -532,6 +538,32 @@ fn pipe_feeds_blocks_to_stdin() {
         .map(|l| l.trim().parse::<usize>().unwrap())
         .sum();
     assert_eq!(total, big.len());
+    // The joblog's Send is the block's bytes, Receive the output's (GNU
+    // parallel: 6 6 6 3 and 2 2 2 2 for this input).
+    let d = tmpdir("pipelog");
+    let log = d.join("log");
+    let o = run_stdin(
+        &[
+            "--pipe",
+            "--block",
+            "6",
+            "-k",
+            "--joblog",
+            log.to_str().unwrap(),
+            "wc",
+            "-l",
+        ],
+        &seq(10),
+    );
+    ok(&o);
+    let mut rows = joblog_rows(&log);
+    rows.sort_by_key(|r| r[0].parse::<u32>().unwrap());
+    let sr: Vec<(&str, &str)> = rows
+        .iter()
+        .map(|r| (r[4].as_str(), r[5].as_str()))
+        .collect();
+    assert_eq!(sr, [("6", "2"), ("6", "2"), ("6", "2"), ("3", "2")]);
+    std::fs::remove_dir_all(d).unwrap();
     let o = run(&["--pipe", "wc", ":::", "a"]);
     assert_eq!(o.status.code(), Some(255));
     assert!(text(&o.stderr).contains("--pipe reads one input"));

@@ -633,6 +633,7 @@ fn finish(st: &State, job: &Job, o: Outcome) {
             runtime: o.runtime,
             exitval,
             signal,
+            send: job.block.as_ref().map_or(0, |b| b.len() as u64),
             receive: o.out.bytes,
             command: &job.command_line(),
         };
