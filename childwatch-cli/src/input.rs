@@ -127,7 +127,7 @@ pub struct Record {
 }
 
 /// How records are cut from the input and grouped into jobs.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Grouping {
     /// Record separator (`\n`, or `\0` with `-0`).
     pub sep: u8,
@@ -137,6 +137,26 @@ pub struct Grouping {
     pub max_bytes: Option<usize>,
     /// Input lines are shell commands (no template): skip blank ones.
     pub commands: bool,
+    /// `--colsep`: split each value into columns at this string.
+    pub colsep: Option<Vec<u8>>,
+}
+
+/// Splits `v` at every occurrence of `sep`.
+fn split_cols(v: Vec<u8>, sep: &[u8]) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut i = 0;
+    while i + sep.len() <= v.len() {
+        if &v[i..i + sep.len()] == sep {
+            out.push(v[start..i].to_vec());
+            i += sep.len();
+            start = i;
+        } else {
+            i += 1;
+        }
+    }
+    out.push(v[start..].to_vec());
+    out
 }
 
 /// Reads records from one streamed source.
@@ -255,7 +275,14 @@ pub fn produce(
                     bytes = 0;
                 }
             }
-            pending.extend(tuple);
+            match &g.colsep {
+                Some(sep) => {
+                    for v in tuple {
+                        pending.extend(split_cols(v, sep));
+                    }
+                }
+                None => pending.extend(tuple),
+            }
             in_job += 1;
             bytes += tuple_bytes;
             if in_job >= g.per_job {
@@ -376,6 +403,7 @@ mod tests {
             per_job,
             max_bytes: None,
             commands: false,
+            colsep: None,
         }
     }
 
@@ -388,6 +416,18 @@ mod tests {
     #[test]
     fn groups_of_n() {
         let got = collect(vec![vals(&["a", "b", "c"])], g(2));
+        assert_eq!(got, vec![vec!["a", "b"], vec!["c"]]);
+    }
+
+    #[test]
+    fn columns() {
+        assert_eq!(
+            split_cols(b"a::b::".to_vec(), b"::"),
+            [&b"a"[..], b"b", b""]
+        );
+        let mut gg = g(1);
+        gg.colsep = Some(b",".to_vec());
+        let got = collect(vec![vals(&["a,b", "c"])], gg);
         assert_eq!(got, vec![vec!["a", "b"], vec!["c"]]);
     }
 

@@ -568,3 +568,22 @@ fn pipe_feeds_blocks_to_stdin() {
     assert_eq!(o.status.code(), Some(255));
     assert!(text(&o.stderr).contains("--pipe reads one input"));
 }
+
+#[test]
+fn column_separator_and_fill_with_separate_words() {
+    // GNU parallel: printf 'a\tb\nc\td\n' | parallel -k --colsep '\t' echo {2}-{1}
+    let o = run_stdin(
+        &["-k", "--colsep", "\\t", "echo", "{2}-{1}"],
+        b"a\tb\nc\td\n",
+    );
+    assert_eq!(ok(&o), "b-a\nd-c\n");
+    let o = run_stdin(&["--colsep", ",", "echo"], b"a,b\n");
+    assert_eq!(ok(&o), "a b\n");
+    let o = run(&["--colsep", ",", "echo", "{2}", ":::", "x,y"]);
+    assert_eq!(ok(&o), "y\n");
+    // -m: as many as fit, a lone {} one word per argument.
+    let o = run(&["-j1", "-m", "printf", "[%s]", "{}", ":::", "a b", "c"]);
+    assert_eq!(ok(&o), "[a b][c]");
+    let o = run(&["-j1", "-m", "echo", "x{}y", ":::", "a", "b", "c"]);
+    assert_eq!(ok(&o), "xa b cy\n");
+}

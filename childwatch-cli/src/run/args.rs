@@ -92,8 +92,17 @@ pub struct RunArgs {
     pub max_lines: Option<usize>,
     /// Fill each command with as many arguments as fit, repeating a word
     /// that holds {} once per argument (GNU parallel -X).
-    #[arg(short = 'X')]
+    #[arg(short = 'X', conflicts_with = "multi")]
     pub xargs: bool,
+    /// Fill each command with as many arguments as fit, a lone {} becoming
+    /// one word per argument (GNU parallel -m).
+    #[arg(short = 'm')]
+    pub multi: bool,
+    /// Split each input line into columns at SEP, a literal string (\t is a
+    /// tab); the columns are {1}, {2}, … (GNU parallel --colsep, which takes
+    /// a regular expression).
+    #[arg(short = 'C', long, value_name = "SEP", value_parser = parse_colsep)]
+    pub colsep: Option<ColSep>,
     /// Read arguments from FILE (like :::: FILE; may be repeated).
     #[arg(short = 'a', long = "arg-file", value_name = "FILE")]
     pub arg_file: Vec<PathBuf>,
@@ -154,6 +163,37 @@ pub enum JobsSpec {
     Percent(u64),
     /// As many as possible.
     Max,
+}
+
+/// `--colsep`'s separator, as bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ColSep(pub Vec<u8>);
+
+fn parse_colsep(s: &str) -> Result<ColSep, String> {
+    let mut out = Vec::new();
+    let mut chars = s.bytes();
+    while let Some(c) = chars.next() {
+        if c != b'\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some(b't') => out.push(b'\t'),
+            Some(b'\\') => out.push(b'\\'),
+            Some(b'0') => out.push(0),
+            Some(other) => {
+                out.push(b'\\');
+                out.push(other);
+            }
+            None => out.push(b'\\'),
+        }
+    }
+    if out.is_empty() {
+        return Err(
+            "an empty column separator splits nothing; give one, such as , or '\\t'".into(),
+        );
+    }
+    Ok(ColSep(out))
 }
 
 pub(super) fn parse_jobs(s: &str) -> Result<JobsSpec, String> {
@@ -309,6 +349,9 @@ mod tests {
 
     #[test]
     fn option_values_are_checked() {
+        assert_eq!(parse_colsep("\\t"), Ok(ColSep(b"\t".to_vec())));
+        assert_eq!(parse_colsep("::"), Ok(ColSep(b"::".to_vec())));
+        assert!(parse_colsep("").is_err());
         assert_eq!(parse_jobs("3"), Ok(JobsSpec::Exact(3)));
         assert_eq!(parse_jobs("0"), Ok(JobsSpec::Max));
         assert_eq!(parse_jobs("+1"), Ok(JobsSpec::Relative(1)));

@@ -120,16 +120,22 @@ pub fn command(args: RunArgs) -> Result<i32> {
     if sources.is_empty() {
         sources.push(Source::stdin());
     }
-    let per_job =
-        args.max_args
-            .or(args.max_lines)
-            .unwrap_or(if args.xargs { usize::MAX } else { 1 });
+    let fill = args.xargs || args.multi;
+    let per_job = args
+        .max_args
+        .or(args.max_lines)
+        .unwrap_or(if fill { usize::MAX } else { 1 });
     let multi = if args.xargs {
         Multi::Context
     } else {
         Multi::Separate
     };
-    let max_args = sources.len().saturating_mul(per_job.min(1 << 20));
+    // With --colsep the number of columns is known only from the input.
+    let max_args = if args.colsep.is_some() {
+        usize::MAX
+    } else {
+        sources.len().saturating_mul(per_job.min(1 << 20))
+    };
     let template = Template::parse(&split.template, !args.quote, multi, max_args)?;
     if args.pipe {
         if template.is_empty() {
@@ -144,8 +150,9 @@ pub fn command(args: RunArgs) -> Result<i32> {
     let grouping = Grouping {
         sep: if args.null { 0 } else { b'\n' },
         per_job: if template.is_empty() { 1 } else { per_job },
-        max_bytes: (args.xargs && !template.is_empty()).then_some(arg_bytes_budget()),
+        max_bytes: (fill && !template.is_empty()).then_some(arg_bytes_budget()),
         commands: template.is_empty(),
+        colsep: args.colsep.clone().map(|c| c.0),
     };
     let kind = watchers::loop_kind(args.loop_kind)?;
     let skip: HashSet<u64> = match (&args.joblog, args.resume || args.resume_failed) {
