@@ -11,13 +11,17 @@
 #[cfg(target_os = "linux")]
 mod bench;
 #[cfg(target_os = "linux")]
+mod input;
+#[cfg(target_os = "linux")]
 mod joblog;
 #[cfg(target_os = "linux")]
-mod jobs;
+mod output;
 #[cfg(target_os = "linux")]
 mod proc_api;
 #[cfg(target_os = "linux")]
 mod run;
+#[cfg(target_os = "linux")]
+mod template;
 #[cfg(target_os = "linux")]
 mod watchers;
 
@@ -30,7 +34,7 @@ fn main() -> ExitCode {
 }
 
 #[cfg(target_os = "linux")]
-use clap::{CommandFactory, Parser, Subcommand};
+use clap::{Parser, Subcommand};
 
 #[cfg(target_os = "linux")]
 #[derive(Debug, Parser)]
@@ -49,9 +53,8 @@ struct Cli {
 enum Cmd {
     /// Run jobs in parallel (like xargs -P / GNU parallel).
     ///
-    /// Examples:
-    ///   childwatch run -j 8 -- gzip -k {} ::: a b c
-    ///   printf 'make -C a\nmake -C b\n' | childwatch run --tag
+    /// Replacement strings, input sources and quoting are explained at the
+    /// end of `childwatch run --help`.
     Run(run::RunArgs),
     /// Benchmark every watcher, both loop kinds and the peers.
     Bench(bench::BenchArgs),
@@ -73,24 +76,6 @@ fn main() -> ExitCode {
         eprintln!("childwatch: internal error: {info}");
     }));
     let cli = Cli::parse();
-    if let Cmd::Run(a) = &cli.cmd {
-        // The command words swallow everything after the first one; a first
-        // word that looks like an option and is not after `--` is a typo.
-        if let Some(first) = a.command.first() {
-            let raw: Vec<String> = std::env::args().collect();
-            let dashes = raw.iter().position(|w| w == "--");
-            let at = raw.iter().position(|w| w == first);
-            let after_dashes = matches!((dashes, at), (Some(d), Some(a)) if d < a);
-            if first.starts_with('-') && !after_dashes {
-                Cli::command()
-                    .error(
-                        clap::error::ErrorKind::UnknownArgument,
-                        format!("unexpected argument '{first}' (put the command after '--')"),
-                    )
-                    .exit();
-            }
-        }
-    }
     let result = match cli.cmd {
         Cmd::Run(a) => run::command(a),
         Cmd::Bench(a) => bench::command(a),

@@ -329,7 +329,8 @@ fn halt_on_error_starts_no_new_jobs() {
         "0",
         "0",
     ]);
-    assert_eq!(o.status.code(), Some(1));
+    // GNU parallel: with fail=1 the exit status is the failing job's.
+    assert_eq!(o.status.code(), Some(5));
     assert_eq!(text(&o.stdout), "0\n5\n");
     assert!(
         text(&o.stderr).contains("2 not started"),
@@ -421,11 +422,11 @@ fn bad_input_unknown_flag() {
 }
 
 #[test]
-fn bad_input_zero_jobs() {
-    assert_usage_error(&run(&["-j", "0", "--", "true", ":::", "a"]), "at least 1");
+fn bad_input_job_counts() {
+    assert_usage_error(&run(&["-j", "0%", "--", "true", ":::", "a"]), "at least 1%");
     assert_usage_error(
         &run(&["-j", "x", "--", "true", ":::", "a"]),
-        "not a positive number",
+        "not a number of jobs",
     );
     assert_usage_error(
         &run(&["--timeout", "-1", "--", "true", ":::", "a"]),
@@ -554,6 +555,8 @@ fn bench_json_parses() {
             "bench",
             "--quick",
             "--json",
+            "--repeat",
+            "3",
             "--scenario",
             "throughput,scale",
             "--watchers",
@@ -563,20 +566,141 @@ fn bench_json_parses() {
         .unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("valid JSON");
+    assert!(v["version"].as_str().is_some_and(|s| !s.is_empty()));
+    assert!(v["kernel"].as_str().is_some_and(|s| !s.is_empty()));
+    assert!(v["timestamp"].as_str().is_some_and(|s| s.ends_with('Z')));
+    assert_eq!(v["repeat"], 3);
     let rows = v["rows"].as_array().unwrap();
-    let raw = rows
-        .iter()
-        .find(|r| r["runner"] == "raw posix_spawn+waitpid")
-        .unwrap();
-    assert!(raw["throughput"]["per_sec"].as_f64().unwrap() > 0.0);
-    assert_eq!(raw["throughput"]["vs_raw"].as_f64(), Some(1.0));
-    let tokio = rows
-        .iter()
-        .find(|r| r["runner"].as_str().unwrap().starts_with("tokio"))
-        .unwrap();
+    let raw = rows.iter().find(|r| r["id"] == "raw").unwrap();
+    let tp = &raw["throughput"];
+    assert!(tp["per_sec"].as_f64().unwrap() > 0.0);
+    // Three repeats plus the baseline's run at the end.
+    assert_eq!(tp["secs"]["samples"].as_array().unwrap().len(), 4);
+    let (lo, med, hi) = (
+        tp["secs"]["min"].as_f64().unwrap(),
+        tp["secs"]["median"].as_f64().unwrap(),
+        tp["secs"]["max"].as_f64().unwrap(),
+    );
+    assert!(lo <= med && med <= hi);
+    let ratio = tp["vs_raw"]["median"].as_f64().unwrap();
+    assert!(
+        (ratio - 1.0).abs() < 0.5,
+        "raw against its own median: {ratio}"
+    );
+    let tokio = rows.iter().find(|r| r["id"] == "tokio").unwrap();
     assert_eq!(tokio["scale"]["completed"], true, "{tokio}");
+    assert_eq!(
+        tokio["scale"]["kill_reap_secs"]["samples"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
     assert!(rows.iter().all(|r| r.get("mixed").is_none()));
     assert!(v["targets"].is_array());
+}
+
+#[test]
+fn bench_tables_have_no_na_rows_and_left_out_runners_are_named_once() {
+    // A machine without pidfds: the pidfd and uring watchers cannot run.
+    let o = bin()
+        .env("CHILDWATCH_DISABLE", "pidfd")
+        .args([
+            "bench",
+            "--quick",
+            "--scenario",
+            "throughput,scale",
+            "--watchers",
+            "pidfd,fast,tokio",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let out = text(&o.stdout);
+    assert!(!out.contains("n/a"), "{out}");
+    assert_eq!(
+        out.matches("left out, not available here").count(),
+        1,
+        "{out}"
+    );
+    assert!(out.contains("pidfd/proactor ("), "{out}");
+    // The scale table lists only the runners it applies to.
+    let scale = out.split("\nscale:").nth(1).unwrap();
+    let table = scale.split("\n\n").next().unwrap();
+    assert!(!table.contains("fast/"), "{table}");
+    assert!(table.contains("tokio"), "{table}");
+}
+
+#[test]
+fn bench_csv_and_plot() {
+    let d = tmpdir("benchplot");
+    let svg = d.join("bench.svg");
+    let o = bin()
+        .args([
+            "bench",
+            "--quick",
+            "--csv",
+            "--repeat",
+            "2",
+            "--scenario",
+            "throughput,latency",
+            "--watchers",
+            "tokio",
+            "--plot",
+        ])
+        .arg(&svg)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let out = text(&o.stdout);
+    let mut lines = out.lines();
+    assert_eq!(
+        lines.next().unwrap(),
+        "version,kernel,timestamp,runner,scenario,figure,unit,median,min,max,samples"
+    );
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    assert!(rows.iter().all(|r| r.len() == 11), "{out}");
+    let tokio_time = rows
+        .iter()
+        .find(|r| r[3] == "tokio" && r[4] == "throughput" && r[5] == "time")
+        .unwrap();
+    assert_eq!(tokio_time[10], "2");
+    let (med, lo, hi): (f64, f64, f64) = (
+        tokio_time[7].parse().unwrap(),
+        tokio_time[8].parse().unwrap(),
+        tokio_time[9].parse().unwrap(),
+    );
+    assert!(lo <= med && med <= hi && lo > 0.0);
+    assert!(
+        rows.iter()
+            .any(|r| r[4] == "latency" && r[5] == "p50_alone")
+    );
+    let chart = std::fs::read_to_string(&svg).unwrap();
+    assert!(chart.starts_with("<svg"), "an SVG file");
+    for needle in [
+        "throughput: spawns/s",
+        "latency: kill",
+        "tokio (current_thread)",
+        "raw baseline",
+    ] {
+        assert!(chart.contains(needle), "{needle} not in the chart");
+    }
+    // A chart that cannot be written is an error before anything is lost.
+    let o = bin()
+        .args([
+            "bench",
+            "--quick",
+            "--scenario",
+            "throughput",
+            "--watchers",
+            "tokio",
+            "--plot",
+            "/nonexistent/dir/b.svg",
+        ])
+        .output()
+        .unwrap();
+    assert_one_line_error(&o, 255, "chart");
+    std::fs::remove_dir_all(d).unwrap();
 }
 
 #[test]
