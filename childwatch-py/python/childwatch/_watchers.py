@@ -1,0 +1,262 @@
+"""asyncio child watchers backed by childwatch's Rust watchers.
+
+asyncio's contract (``asyncio.AbstractChildWatcher``, Python 3.9-3.13):
+
+* ``add_child_handler(pid, callback, *args)``: ``callback(pid, returncode,
+  *args)`` runs once the child exits, on the loop that was running when the
+  handler was added (through ``loop.call_soon_threadsafe``, so an exception
+  it raises goes to ``loop.call_exception_handler`` like any callback); if
+  that loop is closed by then, a warning is logged instead; with no running
+  loop, the callback runs inline on the thread that learnt of the exit.
+* ``remove_child_handler(pid)``, ``attach_loop(loop)`` (these watchers need
+  no loop: active from creation until ``close()``), ``is_active()``,
+  ``close()``, and ``with watcher:`` around a spawn.
+
+Every watcher still open is closed at interpreter exit, and in a forked
+child every watcher inherited from the parent is disabled (its threads do
+not exist there; its ring and descriptors are the parent's).
+
+How exits are harvested today: the Uring watcher keeps its own io_uring and
+one reaper thread, started lazily and only while children are pending; the
+Threaded watcher keeps one small Rust thread per child. The native watcher
+also declares a *host-driven harvest* (``harvest_fd()``/``harvest()``):
+when the library provides it, the Uring watcher registers that descriptor
+with ``loop.add_reader`` on the loop running at registration and harvests
+there, with no thread at all (see ``_HostHarvest``).
+"""
+
+import asyncio
+import atexit
+import functools
+import logging
+import os
+import threading
+import warnings
+import weakref
+
+from . import _native
+
+__all__ = ["UringChildWatcher", "ThreadedChildWatcher", "uring_supported"]
+
+logger = logging.getLogger("childwatch")
+
+uring_supported = _native.uring_supported
+
+# asyncio.AbstractChildWatcher exists on 3.9-3.13 and warns when subclassed
+# on 3.12-3.13 (deprecated there); Python 3.14 removed it, and our watchers
+# are plain classes there (use childwatch.new_event_loop instead).
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    _AbstractChildWatcher = getattr(asyncio, "AbstractChildWatcher", object)
+
+    class _Base(_AbstractChildWatcher):
+        pass
+
+
+_live = weakref.WeakSet()
+_live_lock = threading.Lock()
+
+
+def _running_loop():
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def _report_inline_error(callback, pid, exc):
+    logger.error(
+        "Exception in child handler %r for pid %d (no event loop was running "
+        "when it was registered)",
+        callback,
+        pid,
+        exc_info=exc,
+    )
+
+
+class _HostHarvest:
+    """Drives a native watcher's ring from an asyncio loop (``add_reader``).
+
+    One per (watcher, loop): registered the first time a child is added while
+    that loop runs, removed when the loop closes or the watcher closes.
+    Inactive, with the reaper thread doing the work, while the native
+    watcher's ``harvest_fd()`` is ``None``.
+    """
+
+    def __init__(self, native, loop, fd):
+        self.native = native
+        self.loop = loop
+        self.fd = fd
+        loop.add_reader(fd, self._ready)
+
+    def _ready(self):
+        try:
+            self.native.harvest()
+        except Exception as exc:  # the watcher closed meanwhile, or a bug
+            self.loop.call_exception_handler(
+                {"message": "childwatch harvest failed", "exception": exc}
+            )
+
+    def close(self):
+        if not self.loop.is_closed():
+            self.loop.remove_reader(self.fd)
+
+
+class _RustChildWatcher(_Base):
+    """Shared part of the watchers below; see the module docs."""
+
+    _kind = "?"
+
+    def __init__(self, native):
+        self._native = native
+        self._closed = False
+        self._forked = False
+        # loop -> _HostHarvest (host-driven harvest only)
+        self._harvests = weakref.WeakKeyDictionary()
+        with _live_lock:
+            _live.add(self)
+
+    def __repr__(self):
+        state = "closed" if self._closed else "active"
+        return f"<{type(self).__name__} {state} {self.stats()}>"
+
+    # -- asyncio's contract -------------------------------------------------
+
+    def add_child_handler(self, pid, callback, *args):
+        if self._forked:
+            raise RuntimeError(
+                f"{type(self).__name__} was inherited through fork(); create a new one"
+            )
+        if self._closed:
+            raise RuntimeError(f"{type(self).__name__} is closed")
+        loop = _running_loop()
+        if loop is not None:
+            self._harvest_on(loop)
+        self._native.add(pid, functools.partial(self._deliver, loop, callback, args))
+
+    def remove_child_handler(self, pid):
+        return self._native.remove(pid)
+
+    def attach_loop(self, loop):
+        # Active without a loop; nothing to attach (asyncio's Threaded and
+        # Pidfd watchers do the same).
+        pass
+
+    def is_active(self):
+        return not self._closed and not self._forked and self._native.is_active()
+
+    def close(self):
+        if self._closed:
+            return
+        self._closed = True
+        for h in self._harvests.values():
+            h.close()
+        self._harvests.clear()
+        if not self._forked:
+            self._native.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc_val, exc_tb):
+        pass
+
+    # -- beyond asyncio's contract -------------------------------------------
+
+    def stats(self):
+        """Counters of the native watcher (see ``childwatch._native.Watcher.stats``)."""
+        return self._native.stats()
+
+    # -- internals ------------------------------------------------------------
+
+    def _harvest_on(self, loop):
+        if loop in self._harvests:
+            return
+        fd = self._native.harvest_fd()
+        if fd is None:
+            return  # the watcher's own thread harvests
+        self._harvests[loop] = _HostHarvest(self._native, loop, fd)
+
+    @staticmethod
+    def _deliver(loop, callback, args, pid, returncode):
+        # Runs on the thread that learnt of the exit (a watcher thread, or
+        # the loop thread with the host-driven harvest), or inline in
+        # add_child_handler when the child had already exited.
+        if loop is None:
+            try:
+                callback(pid, returncode, *args)
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                _report_inline_error(callback, pid, exc)
+            return
+        if loop.is_closed():
+            logger.warning("Loop %r that handles pid %r is closed", loop, pid)
+            return
+        try:
+            loop.call_soon_threadsafe(callback, pid, returncode, *args)
+        except RuntimeError:
+            # Closed between the check and the call.
+            logger.warning("Loop %r that handles pid %r is closed", loop, pid)
+
+    def _after_fork_in_child(self):
+        self._forked = True
+        self._harvests.clear()
+        self._native.forget()
+
+
+class UringChildWatcher(_RustChildWatcher):
+    """Watches children through io_uring (Linux 6.7+), from Rust.
+
+    Each child gets an ``IORING_OP_POLL_ADD`` on its pidfd while the watcher
+    holds fewer than ``fd_budget`` pidfds (O(1) per exit), and an
+    ``IORING_OP_WAITID`` beyond that budget: it never fails at the descriptor
+    limit and starts no thread per child. ``fd_budget=None`` keeps the
+    library's default, half of the soft ``RLIMIT_NOFILE``; ``0`` watches
+    every child with ``WAITID``.
+
+    Raises ``OSError`` (``ENOTSUP``-like) where the kernel lacks io_uring
+    ``WAITID``; check ``childwatch.uring_supported()`` first.
+    """
+
+    _kind = "Uring"
+
+    def __init__(self, fd_budget=None):
+        if fd_budget is not None and fd_budget < 0:
+            raise ValueError("fd_budget must be >= 0 or None")
+        super().__init__(_native.Watcher.uring(fd_budget))
+
+
+class ThreadedChildWatcher(_RustChildWatcher):
+    """Watches each child with one small Rust thread (64 KiB stack) blocked
+    in ``waitid(pid, WNOWAIT)``: O(1) per exit in user space, a thread per
+    live child, works everywhere. asyncio's ThreadedChildWatcher, without a
+    Python thread (and its 8 MiB default stack) per child."""
+
+    _kind = "Threaded"
+
+    def __init__(self):
+        super().__init__(_native.Watcher.threaded())
+
+
+def _close_all_at_exit():
+    with _live_lock:
+        watchers = list(_live)
+    for w in watchers:
+        try:
+            w.close()
+        except Exception:  # at exit, one failure must not stop the others
+            logger.exception("closing %r at exit failed", w)
+
+
+def _after_fork_in_child():
+    # The lock may have been held by another thread at fork time.
+    global _live_lock
+    _live_lock = threading.Lock()
+    for w in list(_live):
+        w._after_fork_in_child()
+
+
+atexit.register(_close_all_at_exit)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
