@@ -2,10 +2,10 @@
 //!
 //! A minimal `tracing` subscriber (no spans, levels INFO and above) installed
 //! as the process-wide default when the module is imported, unless the
-//! process already has one. Each event becomes one
-//! `logging.getLogger("childwatch").log(level, "%s", message,
-//! extra={"rust_target": target})` call, made
-//! from the thread that emitted it with the GIL taken for that call only.
+//! process already has one. Each event becomes one record of the logger
+//! `childwatch` (the message, and the Rust target as `record.rust_target`),
+//! logged from the thread that emitted it with the GIL taken for that call
+//! only, through the package's `_log_from_rust` helper.
 //! That is safe because the binding never holds the GIL while it calls into
 //! the library (see the crate docs). While the interpreter shuts down, when
 //! Python can no longer be called, the event goes to stderr.
@@ -61,18 +61,17 @@ fn python_level(level: &Level) -> i32 {
 
 fn forward(level: &Level, target: &str, message: &str) {
     let sent = Python::try_attach(|py| -> PyResult<()> {
-        let logger = py
-            .import("logging")?
-            .call_method1("getLogger", ("childwatch",))?;
-        let kwargs = pyo3::types::PyDict::new(py);
-        let extra = pyo3::types::PyDict::new(py);
-        extra.set_item("rust_target", target)?;
-        kwargs.set_item("extra", extra)?;
-        logger.call_method(
-            "log",
-            (python_level(level), "%s", message.to_owned()),
-            Some(&kwargs),
-        )?;
+        // The package's helper drops the `_DummyThread` that logging would
+        // otherwise leave behind for a Rust thread; plain logging if the
+        // package is not importable (the native module used on its own).
+        let args = (python_level(level), message.to_owned(), target.to_owned());
+        match py.import("childwatch._watchers") {
+            Ok(m) => m.call_method1("_log_from_rust", args)?,
+            Err(_) => py
+                .import("logging")?
+                .call_method1("getLogger", ("childwatch",))?
+                .call_method1("log", (args.0, "%s", args.1))?,
+        };
         Ok(())
     });
     match sent {

@@ -50,7 +50,11 @@ with warnings.catch_warnings():
     _AbstractChildWatcher = getattr(asyncio, "AbstractChildWatcher", object)
 
     class _Base(_AbstractChildWatcher):
-        pass
+        # 3.12-3.13 warn in AbstractChildWatcher.__init_subclass__ for every
+        # subclass; users already get the deprecation from
+        # asyncio.set_child_watcher, so our own classes do not repeat it.
+        def __init_subclass__(cls, **kwargs):
+            pass
 
 
 _live = weakref.WeakSet()
@@ -64,8 +68,32 @@ def _running_loop():
         return None
 
 
+def _log(level, msg, *args, **kwargs):
+    """``logger.log`` from any thread, Rust threads included.
+
+    A record made on a thread that ``threading`` does not know (a watcher's
+    Rust thread) makes ``threading.current_thread()`` create a
+    ``_DummyThread`` that stays in ``threading._active`` for good, which
+    looks like a leaked thread to test suites; it is dropped again here.
+    """
+    ident = threading.get_ident()
+    active = getattr(threading, "_active", None)
+    foreign = active is not None and ident not in active
+    try:
+        logger.log(level, msg, *args, **kwargs)
+    finally:
+        if foreign:
+            active.pop(ident, None)
+
+
+def _log_from_rust(level, message, target):
+    # Called by the native module's tracing subscriber.
+    _log(level, "%s", message, extra={"rust_target": target})
+
+
 def _report_inline_error(callback, pid, exc):
-    logger.error(
+    _log(
+        logging.ERROR,
         "Exception in child handler %r for pid %d (no event loop was running "
         "when it was registered)",
         callback,
@@ -191,13 +219,13 @@ class _RustChildWatcher(_Base):
                 _report_inline_error(callback, pid, exc)
             return
         if loop.is_closed():
-            logger.warning("Loop %r that handles pid %r is closed", loop, pid)
+            _log(logging.WARNING, "Loop %r that handles pid %r is closed", loop, pid)
             return
         try:
             loop.call_soon_threadsafe(callback, pid, returncode, *args)
         except RuntimeError:
             # Closed between the check and the call.
-            logger.warning("Loop %r that handles pid %r is closed", loop, pid)
+            _log(logging.WARNING, "Loop %r that handles pid %r is closed", loop, pid)
 
     def _after_fork_in_child(self):
         self._forked = True
