@@ -179,20 +179,15 @@ impl Watcher {
         }
     }
 
-    /// The host-driven harvest descriptor: a file descriptor that turns
-    /// readable when `harvest()` has work, for `loop.add_reader`. `None`
-    /// while the library has no such API: exits are then harvested by the
-    /// watcher's own reaper thread (Uring) or waiter threads (Threaded).
-    fn harvest_fd(&self) -> Option<i32> {
+    /// A host driver for this watcher: an object whose `fileno()` a host
+    /// loop watches (`loop.add_reader`), whose `harvest()` reaps and
+    /// delivers without blocking on the calling thread, and whose
+    /// `add(pid, deliver)` puts a child's wait on the ring it harvests.
+    /// `None` while the library has no such API (see the crate's README):
+    /// exits are then harvested by the watcher's own reaper thread (Uring)
+    /// or waiter threads (Threaded), and `deliver` hops to the loop.
+    fn host_driver(&self) -> Option<Py<PyAny>> {
         None
-    }
-
-    /// Non-blocking harvest on the calling thread, for the host loop; see
-    /// `harvest_fd`. Returns how many exits were delivered.
-    fn harvest(&self) -> PyResult<usize> {
-        Err(pyo3::exceptions::PyNotImplementedError::new_err(
-            "host-driven harvest is not available in this build (harvest_fd() is None)",
-        ))
     }
 
     /// Counters, for tests and the benchmark: `fd_budget`, `pidfds_held`,

@@ -18,11 +18,11 @@ not exist there; its ring and descriptors are the parent's).
 
 How exits are harvested today: the Uring watcher keeps its own io_uring and
 one reaper thread, started lazily and only while children are pending; the
-Threaded watcher keeps one small Rust thread per child. The native watcher
-also declares a *host-driven harvest* (``harvest_fd()``/``harvest()``):
-when the library provides it, the Uring watcher registers that descriptor
-with ``loop.add_reader`` on the loop running at registration and harvests
-there, with no thread at all (see ``_HostHarvest``).
+Threaded watcher keeps one small Rust thread per child. The binding
+also declares a *host driver* (``Watcher.host_driver()``): once the library
+provides one, the Uring watcher registers its descriptor with
+``loop.add_reader`` on the loop running at registration and reaps and
+delivers there, with no thread at all (see ``_HostHarvest``).
 """
 
 import asyncio
@@ -103,31 +103,42 @@ def _report_inline_error(callback, pid, exc):
 
 
 class _HostHarvest:
-    """Drives a native watcher's ring from an asyncio loop (``add_reader``).
+    """Drives a native watcher's ring from one asyncio loop.
 
-    One per (watcher, loop): registered the first time a child is added while
-    that loop runs, removed when the loop closes or the watcher closes.
-    Inactive, with the reaper thread doing the work, while the native
-    watcher's ``harvest_fd()`` is ``None``.
+    Wraps a native *host driver* (``Watcher.host_driver()``): ``fileno()``
+    turns readable when completions wait on the ring, ``harvest()`` reaps
+    and delivers them without blocking, on the loop's thread, and ``add()``
+    registers a child whose wait goes on that ring. Registered with
+    ``loop.add_reader`` the first time a child is added while the loop runs;
+    closed with the watcher, or dropped with the loop (the driver then hands
+    its pending children to the watcher's reaper thread).
+
+    The library has no host driver yet (``host_driver()`` returns ``None``):
+    until it does, the watcher's own reaper thread harvests and this class
+    is not used.
     """
 
-    def __init__(self, native, loop, fd):
-        self.native = native
+    def __init__(self, driver, loop):
+        self.driver = driver
         self.loop = loop
-        self.fd = fd
-        loop.add_reader(fd, self._ready)
+        self.fd = driver.fileno()
+        loop.add_reader(self.fd, self._ready)
 
     def _ready(self):
         try:
-            self.native.harvest()
+            self.driver.harvest()
         except Exception as exc:  # the watcher closed meanwhile, or a bug
             self.loop.call_exception_handler(
                 {"message": "childwatch harvest failed", "exception": exc}
             )
 
+    def add(self, pid, deliver):
+        self.driver.add(pid, deliver)
+
     def close(self):
         if not self.loop.is_closed():
             self.loop.remove_reader(self.fd)
+        self.driver.close()
 
 
 class _RustChildWatcher(_Base):
@@ -158,9 +169,12 @@ class _RustChildWatcher(_Base):
         if self._closed:
             raise RuntimeError(f"{type(self).__name__} is closed")
         loop = _running_loop()
-        if loop is not None:
-            self._harvest_on(loop)
-        self._native.add(pid, functools.partial(self._deliver, loop, callback, args))
+        deliver = functools.partial(self._deliver, loop, callback, args)
+        host = self._host_for(loop) if loop is not None else None
+        if host is not None:
+            host.add(pid, deliver)
+        else:
+            self._native.add(pid, deliver)
 
     def remove_child_handler(self, pid):
         return self._native.remove(pid)
@@ -178,7 +192,8 @@ class _RustChildWatcher(_Base):
             return
         self._closed = True
         for h in self._harvests.values():
-            h.close()
+            if h is not None:
+                h.close()
         self._harvests.clear()
         if not self._forked:
             self._native.close()
@@ -197,13 +212,17 @@ class _RustChildWatcher(_Base):
 
     # -- internals ------------------------------------------------------------
 
-    def _harvest_on(self, loop):
-        if loop in self._harvests:
-            return
-        fd = self._native.harvest_fd()
-        if fd is None:
-            return  # the watcher's own thread harvests
-        self._harvests[loop] = _HostHarvest(self._native, loop, fd)
+    def _host_for(self, loop):
+        """The loop's ``_HostHarvest``, or ``None`` when the native watcher
+        offers no host driver (then its own thread harvests)."""
+        try:
+            return self._harvests[loop]
+        except KeyError:
+            pass
+        driver = self._native.host_driver()
+        host = None if driver is None else _HostHarvest(driver, loop)
+        self._harvests[loop] = host
+        return host
 
     @staticmethod
     def _deliver(loop, callback, args, pid, returncode):
