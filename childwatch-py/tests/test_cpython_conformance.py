@@ -77,6 +77,17 @@ class TestChildwatchLoop(_cpy.SubprocessMixin, _test_utils.TestCase):
         self.set_event_loop(self.loop)
 
 
+_altered_by = []
+
+
+@pytest.fixture(autouse=True)
+def _note_environment_changes(request):
+    before = support.environment_altered
+    yield
+    if support.environment_altered and not before:
+        _altered_by.append(request.node.nodeid)
+
+
 def teardown_module():
     asyncio.set_event_loop_policy(None)
 
@@ -84,5 +95,6 @@ def teardown_module():
 def test_environment_unaltered():
     # Runs after the classes above (pytest keeps definition order).
     assert not support.environment_altered, (
-        "a conformance test altered the environment (leaked a thread, a child, a file...)"
+        "these tests altered the environment (a leaked thread, child or file; "
+        f"run them with -s to see the 'Warning --' lines): {_altered_by}"
     )

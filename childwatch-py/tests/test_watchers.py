@@ -146,6 +146,8 @@ def test_closed_loop_gives_a_warning_not_an_error(watcher, caplog):
         assert _wait_for(lambda: any("is closed" in r.getMessage() for r in caplog.records))
     rec = [r for r in caplog.records if "is closed" in r.getMessage()][0]
     assert rec.name == "childwatch" and rec.levelno == logging.WARNING
+    # Logged from a Rust thread without leaving a _DummyThread behind.
+    assert not [t for t in threading.enumerate() if isinstance(t, threading._DummyThread)]
 
 
 def test_remove_child_handler(watcher):

@@ -68,17 +68,38 @@ def _running_loop():
         return None
 
 
+class _ForeignThread:
+    """Stands in ``threading._active`` for a Rust thread while it logs."""
+
+    __slots__ = ("name", "ident")
+    daemon = True
+
+    def __init__(self, ident):
+        self.ident = ident
+        self.name = f"childwatch-{ident}"
+
+    def is_alive(self):
+        return True
+
+    def __repr__(self):
+        return f"<childwatch Rust thread {self.ident}>"
+
+
 def _log(level, msg, *args, **kwargs):
     """``logger.log`` from any thread, Rust threads included.
 
-    A record made on a thread that ``threading`` does not know (a watcher's
-    Rust thread) makes ``threading.current_thread()`` create a
-    ``_DummyThread`` that stays in ``threading._active`` for good, which
-    looks like a leaked thread to test suites; it is dropped again here.
+    On a thread that ``threading`` does not know (a watcher's Rust thread),
+    a log record's ``threading.current_thread()`` would create a
+    ``_DummyThread``: it stays in ``threading._active`` for good and counts
+    as a leaked thread (``threading._dangling``) in test suites. A plain
+    stand-in entry is put there for the duration of the call instead; it is
+    not a ``Thread``, so thread counts never see it.
     """
     ident = threading.get_ident()
     active = getattr(threading, "_active", None)
     foreign = active is not None and ident not in active
+    if foreign:
+        active[ident] = _ForeignThread(ident)
     try:
         logger.log(level, msg, *args, **kwargs)
     finally:
