@@ -429,3 +429,40 @@ def test_new_event_loop_with_its_own_watcher():
     finally:
         loop.close()
     gc.collect()
+
+
+@pytest.mark.skipif(not URING, reason="io_uring WAITID unsupported here")
+@pytest.mark.skipif(not HAS_WATCHER_API, reason="no child watcher API (3.14+)")
+def test_uring_400_children_at_ulimit_256():
+    # The issue's scale target, in a fresh process (the limit is per process):
+    # CPython's Pidfd watcher fails near child 250 here.
+    r = _run_script(
+        """
+        import asyncio, os, resource, signal, subprocess, warnings, childwatch
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        def threads():
+            return int([l for l in open("/proc/self/status") if l.startswith("Threads:")][0].split()[1])
+        async def main():
+            t0 = threads()
+            ps = [await asyncio.create_subprocess_exec("/bin/sleep", "1000",
+                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                  for _ in range(400)]
+            extra = threads() - t0
+            fds = len(os.listdir("/proc/self/fd"))
+            for p in ps:
+                p.kill()
+            rcs = await asyncio.wait_for(asyncio.gather(*(p.wait() for p in ps)), 60)
+            print("extra_threads", extra, "fds", fds, "ok", rcs == [-signal.SIGKILL] * 400, flush=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            asyncio.set_child_watcher(childwatch.UringChildWatcher())
+        asyncio.run(main())
+        """,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    words = r.stdout.split()
+    assert words[words.index("ok") + 1] == "True", r.stdout
+    assert int(words[words.index("fds") + 1]) < 256
+    # One reaper thread at most, none per child (no host driver yet).
+    assert int(words[words.index("extra_threads") + 1]) <= 1
