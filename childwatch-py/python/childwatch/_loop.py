@@ -12,7 +12,8 @@ childwatch watcher instead, for
 
 It works the same on 3.9-3.13, where it needs no child watcher set.
 
-The private hooks it relies on (stable from Python 3.8 through 3.14):
+The private hooks it relies on (the same from Python 3.8 through 3.14;
+tested on 3.9-3.13, 3.14 checked against its source only):
 
 * ``BaseEventLoop._make_subprocess_transport(protocol, args, shell, stdin,
   stdout, stderr, bufsize, extra=None, **kwargs)``, the coroutine that
