@@ -412,6 +412,17 @@ def test_asyncio_run_with_loop_factory():
     assert asyncio.run(main(), loop_factory=childwatch.new_event_loop) == 9
 
 
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.Runner is 3.11+")
+def test_asyncio_runner_with_loop_factory():
+    async def main():
+        p = await asyncio.create_subprocess_shell("kill -9 $$")
+        return await p.wait()
+
+    with asyncio.Runner(loop_factory=childwatch.new_event_loop) as runner:
+        assert runner.run(main()) == -signal.SIGKILL
+        assert isinstance(runner.get_loop(), childwatch.ChildwatchEventLoop)
+
+
 def test_new_event_loop_with_its_own_watcher():
     w = childwatch.ThreadedChildWatcher()
 
