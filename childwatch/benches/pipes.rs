@@ -10,9 +10,14 @@
 //!
 //! Read: `head -c N /dev/zero`, read with `read_to_end` (the method-call
 //! form users write with `futures_util::io::AsyncReadExt` in scope).
+//! Stream: the same child, read with `read` into one reused 1 MiB buffer
+//! (the pipe path alone, without a growing `Vec`'s page faults).
 //! Write: `cat > /dev/null`, fed with `write_all` from a 1 MiB buffer.
-//! Each figure is the median of several runs; "vs blocking" divides the
-//! loop's time by the blocking pipe's at the same size.
+//! The ways take turns within each repetition (so a busy machine slows all
+//! of them alike); each figure is the median over the repetitions. "vs
+//! blocking" divides the loop's wall time by the blocking pipe's at the same
+//! size; "CPU" is this process's user + system time (all its threads), which
+//! a loaded machine disturbs less than wall time.
 //!
 //! Not criterion: a 1 GiB transfer takes about a second, and criterion's
 //! sampling would make one run take minutes.
@@ -65,6 +70,63 @@ fn read_blocking(n: usize) -> Duration {
     child.wait().expect("wait");
     assert_eq!(got, n);
     t.elapsed()
+}
+
+fn stream_blocking(n: usize) -> Duration {
+    let t = Instant::now();
+    let mut child = std::process::Command::new("head")
+        .arg("-c")
+        .arg(n.to_string())
+        .arg("/dev/zero")
+        .stdout(StdStdio::piped())
+        .spawn()
+        .expect("spawn head");
+    let mut out = child.stdout.take().expect("piped");
+    let reader = std::thread::spawn(move || {
+        let mut buf = vec![0u8; CHUNK];
+        let mut total = 0;
+        loop {
+            match out.read(&mut buf).expect("read") {
+                0 => return total,
+                k => total += k,
+            }
+        }
+    });
+    let got = reader.join().expect("reader thread");
+    child.wait().expect("wait");
+    assert_eq!(got, n);
+    t.elapsed()
+}
+
+fn stream_loop(kind: LoopKind, n: usize) -> Duration {
+    let lp = EventLoop::new(kind).expect("loop");
+    let t = Instant::now();
+    let got = lp
+        .run_until_complete(async {
+            let mut p = Command::new("head")
+                .arg("-c")
+                .arg(n.to_string())
+                .arg("/dev/zero")
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("spawn head");
+            let mut out = p.stdout.take().expect("piped");
+            let mut buf = vec![0u8; CHUNK];
+            let mut total = 0;
+            loop {
+                match out.read(&mut buf).await.expect("read") {
+                    0 => break,
+                    k => total += k,
+                }
+            }
+            p.wait().await.expect("wait");
+            total
+        })
+        .expect("run");
+    let el = t.elapsed();
+    lp.close().expect("close");
+    assert_eq!(got, n);
+    el
 }
 
 fn write_blocking(n: usize) -> Duration {
@@ -150,7 +212,24 @@ fn write_loop(kind: LoopKind, n: usize) -> Duration {
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
-    v[v.len() / 2]
+    v.get(v.len() / 2).copied().unwrap_or_default()
+}
+
+/// User + system time of this process so far.
+fn cpu_time() -> Duration {
+    // SAFETY: getrusage only writes into the struct we pass.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: RUSAGE_SELF with a valid pointer.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// Wall and CPU time of one transfer.
+fn measure(f: impl FnOnce() -> Duration) -> (Duration, Duration) {
+    let c0 = cpu_time();
+    let wall = f();
+    (wall, cpu_time().saturating_sub(c0))
 }
 
 fn parse_size(s: &str) -> Option<usize> {
@@ -188,38 +267,44 @@ fn main() {
     let mut ways = vec![Way::Blocking];
     ways.extend(kinds.iter().map(|&k| Way::Loop(k)));
 
-    // (direction, way, size) -> median seconds
-    let mut rows: Vec<(&str, Way, usize, Duration)> = Vec::new();
+    // (direction, way, size) -> median wall and CPU time
+    let mut rows: Vec<(&str, Way, usize, Duration, Duration)> = Vec::new();
     for &n in &sizes {
         let runs = if n >= 256 << 20 { 3 } else { 7 };
-        for dir in ["read", "write"] {
-            for &way in &ways {
-                let times: Vec<Duration> = (0..runs)
-                    .map(|_| match (dir, way) {
-                        ("read", Way::Blocking) => read_blocking(n),
-                        ("read", Way::Loop(k)) => read_loop(k, n, false),
-                        (_, Way::Blocking) => write_blocking(n),
-                        (_, Way::Loop(k)) => write_loop(k, n),
-                        (_, Way::TraitPath(_)) => Duration::ZERO,
-                    })
-                    .collect();
-                rows.push((dir, way, n, median(times)));
-            }
+        let mut plan: Vec<(&str, Way)> = Vec::new();
+        for dir in ["read", "stream", "write"] {
+            plan.extend(ways.iter().map(|&w| (dir, w)));
         }
         // The generic trait path is quadratic: shown at small sizes only.
         if n <= 64 << 20 {
-            for &k in &kinds {
-                let times = (0..3).map(|_| read_loop(k, n, true)).collect();
-                rows.push(("read", Way::TraitPath(k), n, median(times)));
+            plan.extend(kinds.iter().map(|&k| ("read", Way::TraitPath(k))));
+        }
+        let mut times: Vec<Vec<(Duration, Duration)>> = vec![Vec::new(); plan.len()];
+        for _ in 0..runs {
+            for (i, &(dir, way)) in plan.iter().enumerate() {
+                times[i].push(measure(|| match (dir, way) {
+                    ("read", Way::Blocking) => read_blocking(n),
+                    ("read", Way::Loop(k)) => read_loop(k, n, false),
+                    ("read", Way::TraitPath(k)) => read_loop(k, n, true),
+                    ("stream", Way::Loop(k)) => stream_loop(k, n),
+                    ("stream", _) => stream_blocking(n),
+                    (_, Way::Loop(k)) => write_loop(k, n),
+                    _ => write_blocking(n),
+                }));
             }
+        }
+        for (i, &(dir, way)) in plan.iter().enumerate() {
+            let wall = median(times[i].iter().map(|t| t.0).collect());
+            let cpu = median(times[i].iter().map(|t| t.1).collect());
+            rows.push((dir, way, n, wall, cpu));
         }
     }
 
     println!(
-        "| direction | way | size | time (s) | MiB/s | vs blocking | MiB/s vs smallest size |"
+        "| direction | way | size | wall (s) | MiB/s | vs blocking | MiB/s vs smallest size | CPU (s) |"
     );
-    println!("|---|---|---|---|---|---|---|");
-    for &(dir, way, n, t) in &rows {
+    println!("|---|---|---|---|---|---|---|---|");
+    for &(dir, way, n, t, cpu) in &rows {
         let mibs = (n as f64 / (1 << 20) as f64) / t.as_secs_f64();
         let base = rows
             .iter()
@@ -235,13 +320,14 @@ fn main() {
             })
             .unwrap_or(f64::NAN);
         println!(
-            "| {dir} | {} | {} | {:.3} | {:.0} | {:.2}x | {:.2} |",
+            "| {dir} | {} | {} | {:.3} | {:.0} | {:.2}x | {:.2} | {:.3} |",
             way.name(),
             human(n),
             t.as_secs_f64(),
             mibs,
             base,
-            small
+            small,
+            cpu.as_secs_f64()
         );
     }
 }

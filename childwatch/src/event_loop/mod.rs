@@ -19,6 +19,13 @@
 //! runs on `polling`'s Windows backend; signal handlers are Unix-only (as in
 //! asyncio, `add_signal_handler` is not supported on Windows).
 //!
+//! Closing releases everything the loop owns: the futures of its live tasks
+//! (kept in a table, `tasks.rs`, since a parked task is otherwise owned by
+//! whoever holds its waker), timers, callbacks, signal handlers and the
+//! backend. Handles from the constructors and the policy own the loop; the
+//! one `get_running_loop` returns does not, so the last owning handle going
+//! away closes the loop even when its tasks hold a handle to it.
+//!
 //! A panicking callback or task never wedges the loop: the panic is caught,
 //! reported through `tracing` (as asyncio's default exception handler logs),
 //! and the loop goes on; a task's panic is re-raised where the task is
