@@ -6,6 +6,7 @@
 //! ```text
 //! cargo bench -p childwatch --bench pipes              # 10 MiB and 1 GiB
 //! cargo bench -p childwatch --bench pipes -- 100M 1G   # chosen sizes
+//! cargo bench -p childwatch --bench pipes -- 1G read proactor  # a subset
 //! ```
 //!
 //! Read: `head -c N /dev/zero`, read with `read_to_end` (the method-call
@@ -252,11 +253,24 @@ fn human(n: usize) -> String {
 
 fn main() {
     // `cargo bench` passes `--bench`; sizes are the other arguments.
-    let mut sizes: Vec<usize> = std::env::args()
+    let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with('-'))
-        .filter_map(|a| parse_size(&a))
         .collect();
+    let mut sizes: Vec<usize> = args.iter().filter_map(|a| parse_size(a)).collect();
+    // Other words keep only the directions and ways they name.
+    let words: Vec<&str> = args
+        .iter()
+        .filter(|a| parse_size(a).is_none())
+        .map(|a| a.as_str())
+        .collect();
+    let wanted = |dir: &str, way: Way| {
+        let dirs = ["read", "stream", "write"];
+        let dir_ok = !words.iter().any(|w| dirs.contains(w)) || words.contains(&dir);
+        let name = way.name();
+        let way_words: Vec<&&str> = words.iter().filter(|w| !dirs.contains(*w)).collect();
+        dir_ok && (way_words.is_empty() || way_words.iter().any(|w| name.starts_with(**w)))
+    };
     if sizes.is_empty() {
         sizes = vec![10 << 20, 1 << 30];
     }
@@ -279,6 +293,7 @@ fn main() {
         if n <= 64 << 20 {
             plan.extend(kinds.iter().map(|&k| ("read", Way::TraitPath(k))));
         }
+        plan.retain(|&(dir, way)| wanted(dir, way));
         let mut times: Vec<Vec<(Duration, Duration)>> = vec![Vec::new(); plan.len()];
         for _ in 0..runs {
             for (i, &(dir, way)) in plan.iter().enumerate() {

@@ -3,8 +3,8 @@
 //! One [`EventLoop`] runs on one thread. Each iteration (asyncio's
 //! `_run_once`) it
 //!
-//! 1. asks its backend for IO — the io_uring [proactor](proactor) or the
-//!    epoll [selector](selector) — sleeping no longer than the next timer,
+//! 1. asks its backend for IO — the io_uring proactor (`proactor.rs`) or the
+//!    epoll selector (`selector.rs`) — sleeping no longer than the next timer,
 //!    and not at all if callbacks are ready;
 //! 2. takes in what other threads queued (`call_soon_threadsafe`, tasks woken
 //!    elsewhere) and the signals that arrived;
