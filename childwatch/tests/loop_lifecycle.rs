@@ -250,8 +250,12 @@ fn me_clone(_p: &childwatch::Process) -> Option<EventLoop> {
     get_running_loop()
 }
 
-fn churn_children(kind: LoopKind, end: End, watcher: Option<Arc<dyn ChildWatcher>>, n: usize) {
-    let name = watcher.as_ref().map_or("default", |_| "given");
+fn churn_children(
+    kind: LoopKind,
+    end: End,
+    (name, watcher): (&str, Option<Arc<dyn ChildWatcher>>),
+    n: usize,
+) {
     for _ in 0..5 {
         one_loop_with_child(kind, &end, watcher.as_ref());
     }
@@ -268,6 +272,13 @@ fn churn_children(kind: LoopKind, end: End, watcher: Option<Arc<dyn ChildWatcher
             gone_within(pid, Duration::from_secs(10)),
             "kill_on_drop child {pid} still running after its loop ended"
         );
+    }
+    // The watcher reaps the killed children on its own schedule (a helper
+    // thread, a SIGCHLD): let it catch up before counting what it holds per
+    // child. A hang guard, not a timing assertion.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while zombie_children() > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
     }
     let (fds2, threads2, rss2) = (fd_count(), thread_count(), rss_kib());
     eprintln!(
@@ -291,7 +302,7 @@ fn churn_children(kind: LoopKind, end: End, watcher: Option<Arc<dyn ChildWatcher
 fn close_kills_kill_on_drop_children_and_leaks_nothing_default_watcher() {
     let _s = serial();
     for kind in kinds() {
-        churn_children(kind, End::Close, None, 1000);
+        churn_children(kind, End::Close, ("default", None), 1000);
     }
 }
 
@@ -299,7 +310,7 @@ fn close_kills_kill_on_drop_children_and_leaks_nothing_default_watcher() {
 fn dropping_a_loop_kills_kill_on_drop_children_and_leaks_nothing_default_watcher() {
     let _s = serial();
     for kind in kinds() {
-        churn_children(kind, End::Drop, None, 1000);
+        churn_children(kind, End::Drop, ("default", None), 1000);
     }
 }
 
@@ -328,9 +339,8 @@ fn close_and_drop_release_everything_with_every_loop_free_watcher() {
     let _s = serial();
     for (name, w) in loop_free_watchers() {
         for kind in kinds() {
-            eprintln!("watcher {name}");
-            churn_children(kind, End::Close, Some(Arc::clone(&w)), 200);
-            churn_children(kind, End::Drop, Some(Arc::clone(&w)), 200);
+            churn_children(kind, End::Close, (name, Some(Arc::clone(&w))), 200);
+            churn_children(kind, End::Drop, (name, Some(Arc::clone(&w))), 200);
         }
         w.close();
     }

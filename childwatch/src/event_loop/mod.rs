@@ -1221,4 +1221,36 @@ mod tests {
         drop(copy);
         assert!(inside.is_closed());
     }
+
+    #[test]
+    fn a_loop_whose_last_owner_goes_while_it_runs_closes_when_the_run_returns() {
+        let lp = EventLoop::selector().unwrap();
+        let weak = lp.non_owning();
+        let dropped = Rc::new(Cell::new(false));
+        let d = Rc::clone(&dropped);
+        weak.create_task(async move {
+            drop(lp);
+            d.set(true);
+        })
+        .detach();
+        weak.run_until_complete(sleep(Duration::from_millis(1)))
+            .unwrap();
+        assert!(dropped.get());
+        assert!(weak.is_closed());
+    }
+
+    #[test]
+    fn awaiting_a_task_of_a_closed_loop_never_panics() {
+        let a = EventLoop::selector().unwrap();
+        let t = a.create_task(std::future::pending::<u8>());
+        a.close().unwrap();
+        let b = EventLoop::selector().unwrap();
+        let out = b
+            .run_until_complete(async {
+                let mut t = Box::pin(t);
+                futures_util::poll!(t.as_mut())
+            })
+            .unwrap();
+        assert!(out.is_pending());
+    }
 }
