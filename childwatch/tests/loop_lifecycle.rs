@@ -260,6 +260,8 @@ fn churn_children(
         one_loop_with_child(kind, &end, watcher.as_ref());
     }
     let (fds, threads, rss) = (fd_count(), thread_count(), rss_kib());
+    // Zombies left by other tests (Safe and Fast do not reap after close).
+    let zombies = zombie_children();
     let mut pids = Vec::with_capacity(n);
     for _ in 0..n {
         pids.push(one_loop_with_child(kind, &end, watcher.as_ref()));
@@ -277,7 +279,7 @@ fn churn_children(
     // thread, a SIGCHLD): let it catch up before counting what it holds per
     // child. A hang guard, not a timing assertion.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while zombie_children() > 0 && std::time::Instant::now() < deadline {
+    while zombie_children() > zombies && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(5));
     }
     let (fds2, threads2, rss2) = (fd_count(), thread_count(), rss_kib());
