@@ -621,9 +621,12 @@ impl EventLoop {
         self.inner.running.get()
     }
 
-    /// Closes the loop: drops pending callbacks and timers, removes its
-    /// signal handlers, cancels its IO and releases its ring or epoll
-    /// instance. Closing twice is fine; closing a running loop is an error.
+    /// Closes the loop: drops the futures of its unfinished tasks (their
+    /// destructors run here: a `kill_on_drop` child is killed, pipes close),
+    /// drops pending callbacks and timers, removes its signal handlers,
+    /// cancels its IO and releases its ring or epoll instance. Closing twice
+    /// is fine; closing a running loop is an error. A task of a closed loop
+    /// never completes.
     pub fn close(&self) -> io::Result<()> {
         if self.inner.running.get() {
             return Err(io::Error::other(
