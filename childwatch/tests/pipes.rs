@@ -182,3 +182,34 @@ fn a_cancelled_read_loses_nothing() {
         });
     }
 }
+
+#[test]
+fn a_pipe_that_outlives_its_loop_errors_instead_of_hanging() {
+    for kind in kinds() {
+        let first = EventLoop::new(kind).expect("loop");
+        let (p, mut out) = first
+            .run_until_complete(async {
+                let mut p = Command::new("sleep")
+                    .arg("3600")
+                    .kill_on_drop(true)
+                    .stdout(Stdio::piped())
+                    .spawn()
+                    .expect("spawn");
+                let out = p.stdout.take().expect("piped");
+                (p, out)
+            })
+            .expect("run");
+        first.close().expect("close");
+        // The pipe is empty and its loop is gone: waiting would never end.
+        let second = EventLoop::new(kind).expect("loop");
+        let res = second
+            .run_until_complete(async {
+                let mut v = Vec::new();
+                out.read_to_end(&mut v).await
+            })
+            .expect("run");
+        let err = res.expect_err("reading through a closed loop");
+        assert!(err.to_string().contains("closed"), "{kind}: {err}");
+        drop(p);
+    }
+}
