@@ -213,3 +213,48 @@ fn a_pipe_that_outlives_its_loop_errors_instead_of_hanging() {
         drop(p);
     }
 }
+
+/// The capacity of the pipe behind `fd`.
+fn pipe_size(fd: std::os::fd::RawFd) -> usize {
+    // SAFETY: F_GETPIPE_SZ only reads the pipe's size; `fd` is open.
+    let n = unsafe { libc::fcntl(fd, libc::F_GETPIPE_SZ) };
+    usize::try_from(n).unwrap_or(0)
+}
+
+#[test]
+fn bulk_pipes_grow_within_a_process_wide_budget() {
+    use std::os::fd::AsRawFd;
+    const CHILDREN: usize = 24;
+    for kind in kinds() {
+        let sizes = run(kind, || async {
+            let lp = get_running_loop().expect("running");
+            let mut tasks = Vec::new();
+            for _ in 0..CHILDREN {
+                let mut p = head(16 << 20).spawn().expect("spawn");
+                let mut out = p.stdout.take().expect("piped");
+                tasks.push(lp.create_task(async move {
+                    let mut buf = Vec::new();
+                    out.read_to_end(&mut buf).await.expect("read");
+                    p.wait().await.expect("wait");
+                    (buf.len(), out)
+                }));
+            }
+            let mut sizes = Vec::new();
+            // Every reader is still open here, so every growth still counts.
+            let mut keep = Vec::new();
+            for t in tasks {
+                let (n, out) = t.await;
+                assert_eq!(n, 16 << 20);
+                sizes.push(pipe_size(out.as_raw_fd()));
+                keep.push(out);
+            }
+            sizes
+        });
+        let grown = sizes.iter().filter(|&&s| s > 64 * 1024).count();
+        eprintln!("{kind}: {grown} of {CHILDREN} pipes grown");
+        assert!(
+            grown <= 16,
+            "{kind}: {grown} pipes grown, over the budget of 16"
+        );
+    }
+}

@@ -22,6 +22,12 @@
 //! Cost: the same system calls as a blocking pipe, plus one wait per time
 //! the pipe is empty (full). A `poll_read` that returns `Pending` loses
 //! nothing: no bytes are taken from the pipe until they can be handed out.
+//! Once a pipe carries bulk data (a write of 256 KiB or more would block, a
+//! read comes back with a full default pipe), it is grown to 1 MiB, so each
+//! wait moves up to 16 times more bytes. Grown pipes count against the
+//! user's `pipe-user-pages-soft`, past which Linux gives *every* new pipe of
+//! that user two pages: at most [`MAX_GROWN`] pipes of this process are grown
+//! at once, a quarter of the default limit.
 //!
 //! Every descriptor is `O_CLOEXEC`, so no pipe end leaks into other children.
 //! A write to a pipe whose reader is gone (or after `poll_close`) is a
@@ -34,6 +40,7 @@ use std::future::Future;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 
 use crate::event_loop::EventLoop;
@@ -43,6 +50,54 @@ use crate::event_loop::selector::{Interest, Source};
 /// The least spare capacity a read into a growing `Vec` offers the kernel
 /// (a default pipe's capacity).
 pub(crate) const MIN_READ: usize = 64 * 1024;
+
+/// The capacity a bulk pipe is grown to.
+const BIG_PIPE: usize = 1 << 20;
+/// Pipes of this process grown at once, at most: 16 × 256 pages is a quarter
+/// of Linux's default `pipe-user-pages-soft` (16384 pages).
+const MAX_GROWN: usize = 16;
+/// A write at least this large that would block marks a bulk transfer.
+const BULK_WRITE: usize = 256 * 1024;
+/// Pipes grown now (process-wide).
+static GROWN: AtomicUsize = AtomicUsize::new(0);
+
+/// Whether this end grew its pipe: `Tried` once an attempt was made (grown
+/// or not), so each pipe tries once.
+enum Growth {
+    Default,
+    Tried,
+    Grown,
+}
+
+impl Growth {
+    /// Grows `fd`'s pipe to [`BIG_PIPE`] if no attempt was made yet and the
+    /// process-wide budget allows; failure (EPERM past the user's limit) is
+    /// fine: the pipe keeps working at its size.
+    fn grow(&mut self, fd: &OwnedFd) {
+        if !matches!(self, Growth::Default) {
+            return;
+        }
+        *self = Growth::Tried;
+        if GROWN.fetch_add(1, Ordering::Relaxed) >= MAX_GROWN {
+            GROWN.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
+        match rustix::pipe::fcntl_setpipe_size(fd, BIG_PIPE) {
+            Ok(_) => *self = Growth::Grown,
+            Err(_) => {
+                GROWN.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+impl Drop for Growth {
+    fn drop(&mut self) {
+        if matches!(self, Growth::Grown) {
+            GROWN.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
 
 /// How a pipe waits when its descriptor would block.
 enum Wait {
@@ -124,6 +179,7 @@ pub(crate) struct Reader {
     // Field order matters: the wait (an in-flight poll, an epoll
     // registration) is dropped before the descriptor it refers to.
     wait: Wait,
+    growth: Growth,
     fd: OwnedFd,
 }
 
@@ -131,6 +187,7 @@ impl Reader {
     pub(crate) fn new(lp: &EventLoop, fd: OwnedFd) -> io::Result<Reader> {
         Ok(Reader {
             wait: Wait::new(lp, &fd)?,
+            growth: Growth::Default,
             fd,
         })
     }
@@ -173,7 +230,14 @@ impl Reader {
         }
         loop {
             match rustix::io::read(&self.fd, rustix::buffer::spare_capacity(buf)) {
-                Ok(n) => return Poll::Ready(Ok(n)),
+                Ok(n) => {
+                    // A full default pipe: the child writes faster than we
+                    // read, in bulk.
+                    if n >= MIN_READ {
+                        self.growth.grow(&self.fd);
+                    }
+                    return Poll::Ready(Ok(n));
+                }
                 Err(rustix::io::Errno::INTR) => {}
                 Err(rustix::io::Errno::AGAIN) => {
                     ready!(
@@ -190,6 +254,7 @@ impl Reader {
 struct WriterState {
     // Field order: the wait before the descriptor (see Reader).
     wait: Wait,
+    growth: Growth,
     fd: OwnedFd,
 }
 
@@ -215,6 +280,7 @@ impl Writer {
         Ok(Writer {
             state: Some(WriterState {
                 wait: Wait::new(lp, &fd)?,
+                growth: Growth::Default,
                 fd,
             }),
         })
@@ -238,6 +304,9 @@ impl Writer {
                 Ok(n) => return Poll::Ready(Ok(n)),
                 Err(rustix::io::Errno::INTR) => {}
                 Err(rustix::io::Errno::AGAIN) => {
+                    if data.len() >= BULK_WRITE {
+                        st.growth.grow(&st.fd);
+                    }
                     ready!(st.wait.poll_ready(cx, st.fd.as_raw_fd(), Interest::Write))?;
                 }
                 Err(e) => return Poll::Ready(Err(e.into())),
