@@ -8,7 +8,7 @@
 #[cfg(target_os = "linux")]
 use childwatch::{EventLoop, Stdio, create_subprocess_exec};
 #[cfg(target_os = "linux")]
-use futures_util::{AsyncReadExt, AsyncWriteExt};
+use futures_util::AsyncWriteExt; // read_to_string is ChildStdout's own
 
 #[cfg(target_os = "linux")]
 fn pipe_through_cat(lp: &EventLoop) -> std::io::Result<()> {

@@ -3,8 +3,8 @@
 //! One [`EventLoop`] runs on one thread. Each iteration (asyncio's
 //! `_run_once`) it
 //!
-//! 1. asks its backend for IO — the io_uring [proactor](proactor) or the
-//!    epoll [selector](selector) — sleeping no longer than the next timer,
+//! 1. asks its backend for IO — the io_uring proactor (`proactor.rs`) or the
+//!    epoll selector (`selector.rs`) — sleeping no longer than the next timer,
 //!    and not at all if callbacks are ready;
 //! 2. takes in what other threads queued (`call_soon_threadsafe`, tasks woken
 //!    elsewhere) and the signals that arrived;
@@ -18,6 +18,13 @@
 //! Windows the proactor is an I/O completion port (`iocp.rs`) and the selector
 //! runs on `polling`'s Windows backend; signal handlers are Unix-only (as in
 //! asyncio, `add_signal_handler` is not supported on Windows).
+//!
+//! Closing releases everything the loop owns: the futures of its live tasks
+//! (kept in a table, `tasks.rs`, since a parked task is otherwise owned by
+//! whoever holds its waker), timers, callbacks, signal handlers and the
+//! backend. Handles from the constructors and the policy own the loop; the
+//! one `get_running_loop` returns does not, so the last owning handle going
+//! away closes the loop even when its tasks hold a handle to it.
 //!
 //! A panicking callback or task never wedges the loop: the panic is caught,
 //! reported through `tracing` (as asyncio's default exception handler logs),
@@ -34,6 +41,7 @@ pub(crate) mod proactor;
 #[cfg(any(unix, windows))]
 pub(crate) mod selector;
 mod signals;
+mod tasks;
 mod timers;
 
 use std::cell::{Cell, RefCell};
@@ -53,6 +61,7 @@ use async_task::Runnable;
 
 use notify::Notifier;
 use signals::SignalHandlers;
+use tasks::TaskTable;
 use timers::Timers;
 
 /// Which backend a loop runs on.
@@ -98,6 +107,18 @@ impl HandleState {
             return None;
         }
         self.callback.borrow_mut().take()
+    }
+
+    /// Takes the callback out for good (the loop is closing); the caller
+    /// drops it once no borrow is held. A `Handle` or `Sleep` may keep this
+    /// state alive, and with it whatever the callback captured, so dropping
+    /// the loop's reference alone would not be enough.
+    fn release(&self) -> Option<Box<dyn FnOnce()>> {
+        self.cancelled.set(true);
+        self.callback
+            .try_borrow_mut()
+            .ok()
+            .and_then(|mut c| c.take())
     }
 }
 
@@ -149,7 +170,7 @@ impl fmt::Debug for Handle {
 /// completion on its own instead.
 #[must_use = "dropping a Task cancels it; call .detach() to let it run"]
 pub struct Task<T> {
-    inner: async_task::Task<T>,
+    inner: async_task::FallibleTask<T>,
 }
 
 impl<T> Task<T> {
@@ -167,7 +188,13 @@ impl<T> Task<T> {
 impl<T> Future for Task<T> {
     type Output = T;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
-        Pin::new(&mut self.inner).poll(cx)
+        match Pin::new(&mut self.inner).poll(cx) {
+            Poll::Ready(Some(v)) => Poll::Ready(v),
+            // Its loop closed and dropped the future: there is no output,
+            // ever. Never completing is what a task of a closed loop does.
+            Poll::Ready(None) => Poll::Pending,
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 
@@ -298,6 +325,9 @@ struct Inner {
     ready: RefCell<VecDeque<Ready>>,
     timers: RefCell<Timers>,
     signals: RefCell<SignalHandlers>,
+    tasks: Rc<TaskTable>,
+    /// Owning [`EventLoop`] handles alive; the loop closes when it drops to 0.
+    owners: Cell<usize>,
     running: Cell<bool>,
     stopping: Cell<bool>,
     closed: Cell<bool>,
@@ -310,6 +340,21 @@ struct Inner {
 /// belongs to the thread that created it. Other threads talk to it through a
 /// [`LoopHandle`].
 ///
+/// # Closing and dropping
+///
+/// [`close`](Self::close) releases everything the loop holds: the futures of
+/// its parked tasks are dropped (their destructors run: a `kill_on_drop`
+/// child is killed, pipes close), timers and callbacks are dropped, and the
+/// ring or epoll instance and its descriptors are released.
+///
+/// A loop that is not closed is closed the same way when its last *owning*
+/// handle is dropped. The handles from the constructors, the policy and
+/// their clones own the loop; the handle [`get_running_loop`] gives inside
+/// the loop (and [`non_owning`](Self::non_owning), and their clones) do not.
+/// A task or callback that keeps its loop should hold a non-owning handle:
+/// an owning one inside the loop's own task is a reference cycle, and that
+/// loop is released only by `close()`.
+///
 /// ```
 /// use std::time::Duration;
 /// let lp = childwatch::EventLoop::selector()?;
@@ -321,9 +366,40 @@ struct Inner {
 /// assert_eq!(v, 42);
 /// # Ok::<(), std::io::Error>(())
 /// ```
-#[derive(Clone)]
 pub struct EventLoop {
     inner: Rc<Inner>,
+    /// Whether this handle keeps the loop open (see the type's docs).
+    owning: bool,
+}
+
+impl Clone for EventLoop {
+    /// Another handle to the same loop, owning if `self` is.
+    fn clone(&self) -> EventLoop {
+        if self.owning {
+            self.inner.owners.set(self.inner.owners.get() + 1);
+        }
+        EventLoop {
+            inner: Rc::clone(&self.inner),
+            owning: self.owning,
+        }
+    }
+}
+
+impl Drop for EventLoop {
+    fn drop(&mut self) {
+        if !self.owning {
+            return;
+        }
+        let left = self.inner.owners.get().saturating_sub(1);
+        self.inner.owners.set(left);
+        // The last owner is gone: nobody outside the loop can run it again,
+        // so release what its tasks and callbacks hold, which breaks any
+        // cycle through them (a task holding a non-owning clone). A running
+        // loop closes when its run returns (`RunGuard`).
+        if left == 0 && !self.inner.running.get() {
+            self.inner.release();
+        }
+    }
 }
 
 impl fmt::Debug for EventLoop {
@@ -357,6 +433,7 @@ impl EventLoop {
         let notifier = Notifier::new()?;
         let backend = make(&notifier)?;
         Ok(EventLoop {
+            owning: true,
             inner: Rc::new(Inner {
                 kind,
                 shared: Arc::new(Shared {
@@ -374,6 +451,8 @@ impl EventLoop {
                 ready: RefCell::new(VecDeque::new()),
                 timers: RefCell::new(Timers::default()),
                 signals: RefCell::new(SignalHandlers::default()),
+                tasks: Rc::new(TaskTable::default()),
+                owners: Cell::new(1),
                 running: Cell::new(false),
                 stopping: Cell::new(false),
                 closed: Cell::new(false),
@@ -478,11 +557,14 @@ impl EventLoop {
     {
         let shared = Arc::clone(&self.inner.shared);
         let schedule = move |runnable: Runnable| schedule_runnable(&shared, runnable);
+        let fut = self.inner.tasks.register(fut);
         let (runnable, task) = async_task::Builder::new()
             .propagate_panic(true)
             .spawn_local(move |_| ReportPanic(fut), schedule);
         runnable.schedule();
-        Task { inner: task }
+        Task {
+            inner: task.fallible(),
+        }
     }
 
     /// Runs the loop until `fut` completes and returns its output.
@@ -539,31 +621,31 @@ impl EventLoop {
         self.inner.running.get()
     }
 
-    /// Closes the loop: drops pending callbacks and timers, removes its
-    /// signal handlers, cancels its IO and releases its ring or epoll
-    /// instance. Closing twice is fine; closing a running loop is an error.
+    /// Closes the loop: drops the futures of its unfinished tasks (their
+    /// destructors run here: a `kill_on_drop` child is killed, pipes close),
+    /// drops pending callbacks and timers, removes its signal handlers,
+    /// cancels its IO and releases its ring or epoll instance. Closing twice
+    /// is fine; closing a running loop is an error. A task of a closed loop
+    /// never completes.
     pub fn close(&self) -> io::Result<()> {
         if self.inner.running.get() {
             return Err(io::Error::other(
                 "cannot close a running event loop; call stop() and let run_forever() return first",
             ));
         }
-        if self.inner.closed.replace(true) {
-            return Ok(());
-        }
-        self.inner.shared.closed.store(true, Ordering::SeqCst);
-        let remote: Vec<RemoteItem> = {
-            let mut r = self.inner.shared.lock();
-            r.closed = true;
-            r.queue.drain(..).collect()
-        };
-        drop(remote);
-        self.inner.signals.borrow_mut().clear();
-        self.inner.backend.close();
-        let ready: Vec<Ready> = self.inner.ready.borrow_mut().drain(..).collect();
-        drop(ready);
-        self.inner.timers.borrow_mut().clear();
+        self.inner.release();
         Ok(())
+    }
+
+    /// A handle to this loop that does not keep it open: for the loop's own
+    /// tasks and callbacks (see [Closing and dropping](Self#closing-and-dropping)).
+    /// Once the last owning handle is dropped, the loop is closed and this
+    /// handle sees a closed loop.
+    pub fn non_owning(&self) -> EventLoop {
+        EventLoop {
+            inner: Rc::clone(&self.inner),
+            owning: false,
+        }
     }
 
     /// Whether [`close`](Self::close) was called.
@@ -706,9 +788,11 @@ impl EventLoop {
                 "cannot run the event loop while another loop is running on this thread",
             ));
         }
-        RUNNING.with(|r| *r.borrow_mut() = Some(self.clone()));
+        RUNNING.with(|r| *r.borrow_mut() = Some(self.non_owning()));
         self.inner.running.set(true);
-        Ok(RunGuard { lp: self.clone() })
+        Ok(RunGuard {
+            lp: self.non_owning(),
+        })
     }
 
     /// One iteration; `busy` says there is work outside the ready queue (the
@@ -803,6 +887,12 @@ impl EventLoop {
         });
     }
 
+    /// Live tasks (for tests).
+    #[cfg(test)]
+    pub(crate) fn live_tasks(&self) -> usize {
+        self.inner.tasks.len()
+    }
+
     /// Pending callbacks, timers and signal handlers (for tests).
     #[cfg(test)]
     pub(crate) fn pending_counts(&self) -> (usize, usize, bool) {
@@ -819,21 +909,69 @@ fn far_future() -> Instant {
     Instant::now() + Duration::from_secs(86400 * 365 * 30)
 }
 
+impl Inner {
+    /// Closes the loop and releases everything tied to it, on the loop's
+    /// thread; idempotent. Order matters: task futures are dropped first,
+    /// while the backend still works, so the IO they own is cancelled
+    /// properly; destructors may queue more work, so queues are drained until
+    /// they stay empty; the backend goes last.
+    fn release(&self) {
+        let first = !self.closed.replace(true);
+        self.shared.closed.store(true, Ordering::SeqCst);
+        if first {
+            self.shared.lock().closed = true;
+        }
+        for _ in 0..16 {
+            self.tasks.cancel_all();
+            let remote: Vec<RemoteItem> = self.shared.lock().queue.drain(..).collect();
+            let ready: Vec<Ready> = match self.ready.try_borrow_mut() {
+                Ok(mut r) => r.drain(..).collect(),
+                Err(_) => Vec::new(),
+            };
+            let timers: Vec<Rc<HandleState>> = match self.timers.try_borrow_mut() {
+                Ok(mut t) => t.drain(),
+                Err(_) => Vec::new(),
+            };
+            if remote.is_empty() && ready.is_empty() && timers.is_empty() && self.tasks.len() == 0 {
+                break;
+            }
+            // Callbacks are taken out of their states (a `Handle` or `Sleep`
+            // may keep the state alive) and dropped with no borrow held.
+            let mut callbacks = Vec::new();
+            for item in &ready {
+                if let Ready::Call(h) = item {
+                    callbacks.extend(h.release());
+                }
+            }
+            for h in &timers {
+                callbacks.extend(h.release());
+            }
+            drop(callbacks);
+            drop(ready);
+            drop(timers);
+            drop(remote);
+        }
+        if first {
+            if let Ok(mut s) = self.signals.try_borrow_mut() {
+                s.clear();
+            }
+            self.backend.close();
+            // Completions the backend delivered while shutting down woke
+            // tasks that are now dropped; nothing else is left to run.
+            self.tasks.cancel_all();
+            let ready: Vec<Ready> = match self.ready.try_borrow_mut() {
+                Ok(mut r) => r.drain(..).collect(),
+                Err(_) => Vec::new(),
+            };
+            drop(ready);
+        }
+    }
+}
+
 impl Drop for Inner {
     fn drop(&mut self) {
-        // Same teardown as `close`, for a loop dropped without it. Runnables
-        // in the remote queue must be dropped here, on the loop's thread.
-        self.shared.closed.store(true, Ordering::SeqCst);
-        let remote: Vec<RemoteItem> = {
-            let mut r = self.shared.lock();
-            r.closed = true;
-            r.queue.drain(..).collect()
-        };
-        drop(remote);
-        self.signals.get_mut().clear();
-        self.backend.close();
-        self.ready.get_mut().clear();
-        self.timers.get_mut().clear();
+        // Same teardown as `close`, for a loop whose handles are all gone.
+        self.release();
     }
 }
 
@@ -846,6 +984,10 @@ impl Drop for RunGuard {
         self.lp.inner.running.set(false);
         self.lp.inner.stopping.set(false);
         let _ = RUNNING.try_with(|r| r.borrow_mut().take());
+        // The last owning handle went away while the loop ran.
+        if self.lp.inner.owners.get() == 0 {
+            self.lp.inner.release();
+        }
     }
 }
 
@@ -1051,5 +1193,67 @@ mod tests {
         lp.run_until_complete(async {}).unwrap();
         assert_eq!(flag.get(), 0);
         assert_eq!(lp.pending_counts().0, 0);
+    }
+
+    #[test]
+    fn tasks_leave_the_table_when_done_cancelled_or_closed() {
+        let lp = EventLoop::selector().unwrap();
+        let done = lp.create_task(async { 1 });
+        let cancelled = lp.create_task(std::future::pending::<()>());
+        lp.create_task(std::future::pending::<()>()).detach();
+        assert_eq!(lp.live_tasks(), 3);
+        assert_eq!(lp.run_until_complete(done).unwrap(), 1);
+        assert_eq!(lp.live_tasks(), 2);
+        // Dropping the handle cancels: the future goes at the next iteration.
+        drop(cancelled);
+        lp.run_until_complete(async {}).unwrap();
+        assert_eq!(lp.live_tasks(), 1);
+        lp.close().unwrap();
+        assert_eq!(lp.live_tasks(), 0);
+    }
+
+    #[test]
+    fn the_last_owning_handle_closes_the_loop() {
+        let lp = EventLoop::selector().unwrap();
+        let inside = lp
+            .run_until_complete(async { get_running_loop().unwrap() })
+            .unwrap();
+        let copy = lp.clone();
+        drop(lp);
+        assert!(!inside.is_closed(), "an owning clone is left");
+        drop(copy);
+        assert!(inside.is_closed());
+    }
+
+    #[test]
+    fn a_loop_whose_last_owner_goes_while_it_runs_closes_when_the_run_returns() {
+        let lp = EventLoop::selector().unwrap();
+        let weak = lp.non_owning();
+        let dropped = Rc::new(Cell::new(false));
+        let d = Rc::clone(&dropped);
+        weak.create_task(async move {
+            drop(lp);
+            d.set(true);
+        })
+        .detach();
+        weak.run_until_complete(sleep(Duration::from_millis(1)))
+            .unwrap();
+        assert!(dropped.get());
+        assert!(weak.is_closed());
+    }
+
+    #[test]
+    fn awaiting_a_task_of_a_closed_loop_never_panics() {
+        let a = EventLoop::selector().unwrap();
+        let t = a.create_task(std::future::pending::<u8>());
+        a.close().unwrap();
+        let b = EventLoop::selector().unwrap();
+        let out = b
+            .run_until_complete(async {
+                let mut t = Box::pin(t);
+                futures_util::poll!(t.as_mut())
+            })
+            .unwrap();
+        assert!(out.is_pending());
     }
 }

@@ -94,9 +94,10 @@ impl Timers {
         self.heap.len()
     }
 
-    /// Drops every timer (used by `close`).
-    pub(crate) fn clear(&mut self) {
-        self.heap.clear();
+    /// Takes every timer out (used by `close`, which also drops their
+    /// callbacks).
+    pub(crate) fn drain(&mut self) -> Vec<Rc<HandleState>> {
+        self.heap.drain().map(|e| e.handle).collect()
     }
 
     fn maybe_compact(&mut self) {

@@ -2,11 +2,21 @@
 //! `ChildStderr` — the same on every platform. The platform's `pipes` module
 //! supplies the `Reader` and `Writer` underneath (io_uring or epoll on Unix,
 //! overlapped named pipes through the completion port on Windows).
+//!
+//! `ChildStdout` and `ChildStderr` have their own `read_to_end` and
+//! `read_to_string`, which method-call syntax picks over the extension
+//! traits' (`futures_util::io::AsyncReadExt`, `futures_lite::AsyncReadExt`).
+//! Those generic versions zero the whole spare capacity of the `Vec` each
+//! time the read resumes after `Pending` — once per time the pipe runs dry —
+//! so a large transfer costs time quadratic in its size. Ours read straight
+//! into the spare capacity, growing it geometrically: linear, one system
+//! call per pipe-full.
 
 use std::fmt;
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use futures_io::{AsyncRead, AsyncWrite};
 
@@ -15,20 +25,22 @@ use crate::event_loop::EventLoop;
 
 /// The parent's end of the child's stdin: [`futures_io::AsyncWrite`].
 ///
-/// On a completion-based (proactor) loop a write is accepted into an owned
-/// buffer and completes in the background; call `flush` (or `close`) to learn
-/// that it reached the pipe. Closing (or dropping) it gives the child
-/// end-of-file.
+/// Closing (or dropping) it gives the child end-of-file. On Unix a write goes
+/// straight into the pipe; on Windows a write is accepted into an owned
+/// buffer and completes in the background, so call `flush` (or `close`) to
+/// learn that it reached the pipe.
 pub struct ChildStdin {
     inner: Writer,
 }
 
-/// The parent's end of the child's stdout: [`futures_io::AsyncRead`].
+/// The parent's end of the child's stdout: [`futures_io::AsyncRead`], plus
+/// a linear-time [`read_to_end`](Self::read_to_end).
 pub struct ChildStdout {
     inner: Reader,
 }
 
-/// The parent's end of the child's stderr: [`futures_io::AsyncRead`].
+/// The parent's end of the child's stderr: [`futures_io::AsyncRead`], plus
+/// a linear-time [`read_to_end`](Self::read_to_end).
 pub struct ChildStderr {
     inner: Reader,
 }
@@ -46,21 +58,88 @@ impl ChildStdin {
     }
 }
 
-impl ChildStdout {
-    pub(crate) fn new(lp: &EventLoop, pipe: RawPipe) -> io::Result<ChildStdout> {
-        Ok(ChildStdout {
-            inner: Reader::new(lp, pipe)?,
-        })
-    }
+/// Bytes read in one poll of `read_to_end` before it yields to the loop, so
+/// a child that writes faster than we read cannot starve other tasks.
+const YIELD_AFTER: usize = 16 << 20;
+
+/// Reads `r` to end-of-file into `buf`'s spare capacity; see the module docs.
+fn read_to_end<'a>(
+    r: &'a mut Reader,
+    buf: &'a mut Vec<u8>,
+) -> impl Future<Output = io::Result<usize>> + 'a {
+    let start = buf.len();
+    std::future::poll_fn(move |cx| {
+        let mut this_poll = 0usize;
+        loop {
+            match ready!(r.poll_read_spare(cx, buf)) {
+                Ok(0) => return Poll::Ready(Ok(buf.len() - start)),
+                Ok(n) => this_poll += n,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+            if this_poll >= YIELD_AFTER {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+        }
+    })
 }
 
-impl ChildStderr {
-    pub(crate) fn new(lp: &EventLoop, pipe: RawPipe) -> io::Result<ChildStderr> {
-        Ok(ChildStderr {
-            inner: Reader::new(lp, pipe)?,
-        })
+/// [`read_to_end`], then a UTF-8 check; `buf` is unchanged on error.
+async fn read_to_string(r: &mut Reader, buf: &mut String) -> io::Result<usize> {
+    let mut bytes = Vec::new();
+    let n = read_to_end(r, &mut bytes).await?;
+    match String::from_utf8(bytes) {
+        Ok(s) if buf.is_empty() => *buf = s,
+        Ok(s) => buf.push_str(&s),
+        Err(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the child's output is not valid UTF-8",
+            ));
+        }
     }
+    Ok(n)
 }
+
+macro_rules! reader_methods {
+    ($ty:ident) => {
+        impl $ty {
+            pub(crate) fn new(lp: &EventLoop, pipe: RawPipe) -> io::Result<$ty> {
+                Ok($ty {
+                    inner: Reader::new(lp, pipe)?,
+                })
+            }
+
+            /// Reads to end-of-file, appending to `buf`; returns the number of
+            /// bytes read. Linear in the bytes read: the kernel writes straight
+            /// into `buf`'s spare capacity, which grows geometrically.
+            ///
+            /// Method-call syntax picks this over the `read_to_end` of
+            /// `futures_util::io::AsyncReadExt` or `futures_lite::AsyncReadExt`,
+            /// which are quadratic on a pipe (see the module docs). Cancelling
+            /// it loses nothing: what was read is in `buf`.
+            pub fn read_to_end<'a>(
+                &'a mut self,
+                buf: &'a mut Vec<u8>,
+            ) -> impl Future<Output = io::Result<usize>> + 'a {
+                read_to_end(&mut self.inner, buf)
+            }
+
+            /// Reads to end-of-file and appends the text to `buf`; an
+            /// `InvalidData` error (and `buf` unchanged) if it is not UTF-8.
+            /// Linear, like [`read_to_end`](Self::read_to_end).
+            pub fn read_to_string<'a>(
+                &'a mut self,
+                buf: &'a mut String,
+            ) -> impl Future<Output = io::Result<usize>> + 'a {
+                read_to_string(&mut self.inner, buf)
+            }
+        }
+    };
+}
+
+reader_methods!(ChildStdout);
+reader_methods!(ChildStderr);
 
 impl AsyncWrite for ChildStdin {
     fn poll_write(

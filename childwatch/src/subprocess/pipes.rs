@@ -2,61 +2,113 @@
 //! (`AsyncWrite`), `ChildStdout` and `ChildStderr` (`AsyncRead`) of
 //! `child_io.rs`.
 //!
-//! A pipe works through the loop that spawned the child, in that loop's own
-//! style:
+//! How: our end of each pipe is non-blocking, and every read or write is one
+//! `read(2)`/`write(2)` straight between the pipe and the caller's buffer —
+//! no intermediate buffer, no copy. Only when the pipe is empty (or full)
+//! does the pipe wait, in its loop's own style: an io_uring `POLL_ADD` on the
+//! proactor (one entry, kept across polls), a one-shot epoll interest on the
+//! selector. [`Reader::poll_read_spare`] reads into a `Vec`'s uninitialised
+//! spare capacity, growing it geometrically; `ChildStdout::read_to_end` is
+//! built on it.
 //!
-//! * **proactor** (io_uring): completion-based. A read is an io_uring `READ`
-//!   into a buffer the operation owns; the pipe keeps that operation and its
-//!   buffer *across polls*, so a `poll_read` whose future is dropped
-//!   (cancelled) loses nothing: the bytes land in the internal buffer and the
-//!   next `poll_read` returns them. A write copies the caller's bytes into an
-//!   owned buffer, submits one `WRITE` and reports the bytes as accepted (a
-//!   one-chunk write-behind, like a `BufWriter`); the next `poll_write`,
-//!   `poll_flush` or `poll_close` waits for it and reports its error, if any.
-//!   The descriptor stays blocking: io_uring arms its own poll on a pipe.
-//! * **selector** (epoll): readiness-based. The descriptor is non-blocking
-//!   and registered with the loop's epoll; a `read`/`write` that would block
-//!   arms interest and returns `Pending`.
+//! Why not a completion-based `READ` on the proactor: the kernel would write
+//! into memory the operation must own until it completes, so a borrowed
+//! `&mut [u8]` cannot be the target, and every byte would be copied once
+//! more out of an owned buffer; each completion would also be a
+//! `Pending`/wake-up round trip per chunk. The readiness wait costs one ring
+//! entry per time the pipe runs dry, and a large transfer is a few
+//! `read(2)` calls per megabyte (one per pipe-full).
+//!
+//! Cost: the same system calls as a blocking pipe, plus one wait per time
+//! the pipe is empty (full). A `poll_read` that returns `Pending` loses
+//! nothing: no bytes are taken from the pipe until they can be handed out.
+//! Once a pipe carries bulk data (a write of 256 KiB or more would block, a
+//! read comes back with a full default pipe), it is grown to 1 MiB, so each
+//! wait moves up to 16 times more bytes. Grown pipes count against the
+//! user's `pipe-user-pages-soft`, past which Linux gives *every* new pipe of
+//! that user two pages: at most [`MAX_GROWN`] pipes of this process are grown
+//! at once, a quarter of the default limit.
 //!
 //! Every descriptor is `O_CLOEXEC`, so no pipe end leaks into other children.
 //! A write to a pipe whose reader is gone (or after `poll_close`) is a
 //! `BrokenPipe` error. `poll_close` on `ChildStdin` closes the descriptor,
-//! which is how the child sees end-of-file.
-//!
-//! A pipe belongs to its loop's thread (it is `!Send`, like the loop).
+//! which is how the child sees end-of-file. A pipe belongs to its loop's
+//! thread (it is `!Send`, like the loop).
 
 use std::fmt;
+use std::future::Future;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 
 use crate::event_loop::EventLoop;
 use crate::event_loop::proactor::{Op, Proactor};
 use crate::event_loop::selector::{Interest, Source};
 
-/// Size of one io_uring read or write (a pipe's default capacity).
-const CHUNK: usize = 64 * 1024;
+/// The least spare capacity a read into a growing `Vec` offers the kernel
+/// (a default pipe's capacity).
+pub(crate) const MIN_READ: usize = 64 * 1024;
 
-enum ReadIo {
-    Proactor {
-        proactor: Proactor,
-        /// The read in flight; it owns its buffer until the kernel is done.
-        op: Option<Op<Vec<u8>>>,
-        /// Bytes read but not yet handed out: `buf[pos..]`.
-        buf: Vec<u8>,
-        pos: usize,
-        eof: bool,
-    },
-    Selector(Source),
+/// The capacity a bulk pipe is grown to.
+const BIG_PIPE: usize = 1 << 20;
+/// Pipes of this process grown at once, at most: 16 × 256 pages is a quarter
+/// of Linux's default `pipe-user-pages-soft` (16384 pages).
+const MAX_GROWN: usize = 16;
+/// A write at least this large that would block marks a bulk transfer.
+const BULK_WRITE: usize = 256 * 1024;
+/// Pipes grown now (process-wide).
+static GROWN: AtomicUsize = AtomicUsize::new(0);
+
+/// Whether this end grew its pipe: `Tried` once an attempt was made (grown
+/// or not), so each pipe tries once.
+enum Growth {
+    Default,
+    Tried,
+    Grown,
 }
 
-/// The reading end, shared by stdout and stderr.
-pub(crate) struct Reader {
-    // Field order matters: the IO state (an in-flight op, an epoll
-    // registration) is dropped before the descriptor it refers to.
-    io: ReadIo,
-    fd: OwnedFd,
+impl Growth {
+    /// Grows `fd`'s pipe to [`BIG_PIPE`] if no attempt was made yet and the
+    /// process-wide budget allows; failure (EPERM past the user's limit) is
+    /// fine: the pipe keeps working at its size.
+    fn grow(&mut self, fd: &OwnedFd) {
+        if !matches!(self, Growth::Default) {
+            return;
+        }
+        *self = Growth::Tried;
+        if GROWN.fetch_add(1, Ordering::Relaxed) >= MAX_GROWN {
+            GROWN.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
+        match rustix::pipe::fcntl_setpipe_size(fd, BIG_PIPE) {
+            Ok(_) => *self = Growth::Grown,
+            Err(_) => {
+                GROWN.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+impl Drop for Growth {
+    fn drop(&mut self) {
+        if matches!(self, Growth::Grown) {
+            GROWN.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// How a pipe waits when its descriptor would block.
+enum Wait {
+    /// io_uring: the `POLL_ADD` in flight, kept across polls so a
+    /// re-poll with another waker does not submit again.
+    Proactor {
+        proactor: Proactor,
+        op: Option<Op<()>>,
+    },
+    /// epoll: the descriptor's registration with the loop.
+    Selector(Source),
 }
 
 fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
@@ -66,130 +118,143 @@ fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
     Ok(())
 }
 
-/// What a pipe needs from the loop: its proactor, or its selector.
-enum Backend {
-    Proactor(Proactor),
-    Selector(crate::event_loop::selector::Selector),
+impl Wait {
+    fn new(lp: &EventLoop, fd: &OwnedFd) -> io::Result<Wait> {
+        set_nonblocking(fd).map_err(|e| {
+            io::Error::new(e.kind(), format!("cannot make a pipe non-blocking: {e}"))
+        })?;
+        if let Some(p) = lp.proactor_backend() {
+            return Ok(Wait::Proactor {
+                proactor: p.clone(),
+                op: None,
+            });
+        }
+        if let Some(s) = lp.selector_backend() {
+            // SAFETY: the Source is stored beside `fd` and dropped before it
+            // (field order in Reader and WriterState).
+            return Ok(Wait::Selector(unsafe { s.register(fd.as_raw_fd())? }));
+        }
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this event loop has no backend that can drive pipes",
+        ))
+    }
+
+    /// Ready when `fd` may no longer block in direction `dir` (or is hung
+    /// up, or in error): the caller then retries its system call.
+    fn poll_ready(
+        &mut self,
+        cx: &mut Context<'_>,
+        fd: RawFd,
+        dir: Interest,
+    ) -> Poll<io::Result<()>> {
+        match self {
+            Wait::Proactor { proactor, op } => {
+                let events = match dir {
+                    Interest::Read => libc::POLLIN,
+                    Interest::Write => libc::POLLOUT,
+                };
+                let current = op.get_or_insert_with(|| proactor.poll_add(fd, events as u32));
+                let (res, ()) = ready!(Pin::new(current).poll(cx));
+                *op = None;
+                Poll::Ready(match res {
+                    Ok(_) => Ok(()),
+                    Err(e) if e.raw_os_error() == Some(libc::ECANCELED) => {
+                        Err(io::Error::other("the event loop is closed"))
+                    }
+                    Err(e) => Err(e),
+                })
+            }
+            Wait::Selector(src) => src.poll_ready(cx, dir),
+        }
+    }
+
+    fn is_proactor(&self) -> bool {
+        matches!(self, Wait::Proactor { .. })
+    }
 }
 
-fn backend(lp: &EventLoop) -> io::Result<Backend> {
-    if let Some(p) = lp.proactor_backend() {
-        return Ok(Backend::Proactor(p.clone()));
-    }
-    if let Some(s) = lp.selector_backend() {
-        return Ok(Backend::Selector(s.clone()));
-    }
-    Err(io::Error::new(
-        io::ErrorKind::Unsupported,
-        "this event loop has no backend that can drive pipes",
-    ))
-}
-
-fn register(sel: &crate::event_loop::selector::Selector, fd: &OwnedFd) -> io::Result<Source> {
-    set_nonblocking(fd)?;
-    // SAFETY: the Source is stored beside `fd` and dropped before it (field
-    // order in Reader / WriterState).
-    unsafe { sel.register(fd.as_raw_fd()) }
+/// The reading end, shared by stdout and stderr.
+pub(crate) struct Reader {
+    // Field order matters: the wait (an in-flight poll, an epoll
+    // registration) is dropped before the descriptor it refers to.
+    wait: Wait,
+    growth: Growth,
+    fd: OwnedFd,
 }
 
 impl Reader {
     pub(crate) fn new(lp: &EventLoop, fd: OwnedFd) -> io::Result<Reader> {
-        let io = match backend(lp)? {
-            Backend::Proactor(proactor) => ReadIo::Proactor {
-                proactor,
-                op: None,
-                buf: Vec::new(),
-                pos: 0,
-                eof: false,
-            },
-            Backend::Selector(sel) => ReadIo::Selector(register(&sel, &fd)?),
-        };
-        Ok(Reader { io, fd })
+        Ok(Reader {
+            wait: Wait::new(lp, &fd)?,
+            growth: Growth::Default,
+            fd,
+        })
     }
 
+    /// Reads into `out`; `Ok(0)` is end-of-file (or an empty `out`).
     pub(crate) fn poll_read(
         &mut self,
         cx: &mut Context<'_>,
         out: &mut [u8],
     ) -> Poll<io::Result<usize>> {
-        let fd = self.fd.as_raw_fd();
-        match &mut self.io {
-            ReadIo::Proactor {
-                proactor,
-                op,
-                buf,
-                pos,
-                eof,
-            } => loop {
-                if *pos < buf.len() {
-                    let n = out.len().min(buf.len() - *pos);
-                    out[..n].copy_from_slice(&buf[*pos..*pos + n]);
-                    *pos += n;
+        if out.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        loop {
+            match rustix::io::read(&self.fd, &mut *out) {
+                Ok(n) => return Poll::Ready(Ok(n)),
+                Err(rustix::io::Errno::INTR) => {}
+                Err(rustix::io::Errno::AGAIN) => {
+                    ready!(
+                        self.wait
+                            .poll_ready(cx, self.fd.as_raw_fd(), Interest::Read)
+                    )?;
+                }
+                Err(e) => return Poll::Ready(Err(e.into())),
+            }
+        }
+    }
+
+    /// Reads into `buf`'s spare capacity (growing it geometrically when
+    /// less than [`MIN_READ`] is spare) and extends its length by what was
+    /// read; `Ok(0)` is end-of-file. Nothing is initialised first: the
+    /// kernel writes straight into the allocation.
+    pub(crate) fn poll_read_spare(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut Vec<u8>,
+    ) -> Poll<io::Result<usize>> {
+        if buf.capacity() - buf.len() < MIN_READ {
+            buf.reserve(MIN_READ.max(buf.len()));
+        }
+        loop {
+            match rustix::io::read(&self.fd, rustix::buffer::spare_capacity(buf)) {
+                Ok(n) => {
+                    // A full default pipe: the child writes faster than we
+                    // read, in bulk.
+                    if n >= MIN_READ {
+                        self.growth.grow(&self.fd);
+                    }
                     return Poll::Ready(Ok(n));
                 }
-                if *eof || out.is_empty() {
-                    return Poll::Ready(Ok(0));
+                Err(rustix::io::Errno::INTR) => {}
+                Err(rustix::io::Errno::AGAIN) => {
+                    ready!(
+                        self.wait
+                            .poll_ready(cx, self.fd.as_raw_fd(), Interest::Read)
+                    )?;
                 }
-                let current = match op {
-                    Some(op) => op,
-                    None => {
-                        let mut b = std::mem::take(buf);
-                        b.clear();
-                        b.reserve(CHUNK);
-                        *pos = 0;
-                        op.insert(proactor.read(fd, b))
-                    }
-                };
-                let (res, mut b) = ready!(Pin::new(current).poll(cx));
-                *op = None;
-                *pos = 0;
-                match res {
-                    Ok(0) => *eof = true,
-                    Ok(n) => {
-                        let len = b.len() + n as usize;
-                        if len <= b.capacity() {
-                            // SAFETY: the kernel wrote `n` bytes into the spare
-                            // capacity right after the old length (the READ's
-                            // target); `len` stays within the allocation.
-                            unsafe { b.set_len(len) };
-                        }
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        *buf = b;
-                        return Poll::Ready(Err(e));
-                    }
-                }
-                *buf = b;
-            },
-            ReadIo::Selector(src) => loop {
-                match rustix::io::read(&self.fd, &mut *out) {
-                    Ok(n) => return Poll::Ready(Ok(n)),
-                    Err(rustix::io::Errno::INTR) => {}
-                    Err(rustix::io::Errno::AGAIN) => {
-                        ready!(src.poll_ready(cx, Interest::Read))?;
-                    }
-                    Err(e) => return Poll::Ready(Err(e.into())),
-                }
-            },
+                Err(e) => return Poll::Ready(Err(e.into())),
+            }
         }
     }
 }
 
-enum WriteIo {
-    Proactor {
-        proactor: Proactor,
-        /// The write in flight and the offset it started at in its buffer.
-        op: Option<(Op<Vec<u8>>, usize)>,
-        /// A buffer to reuse for the next write.
-        spare: Vec<u8>,
-    },
-    Selector(Source),
-}
-
 struct WriterState {
-    // Field order: the IO state before the descriptor (see Reader).
-    io: WriteIo,
+    // Field order: the wait before the descriptor (see Reader).
+    wait: Wait,
+    growth: Growth,
     fd: OwnedFd,
 }
 
@@ -205,83 +270,6 @@ fn closed_error() -> io::Error {
     )
 }
 
-impl WriterState {
-    /// Waits until the write in flight (and any remainder) is done.
-    fn drive(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let fd = self.fd.as_raw_fd();
-        let WriteIo::Proactor {
-            proactor,
-            op,
-            spare,
-        } = &mut self.io
-        else {
-            return Poll::Ready(Ok(()));
-        };
-        while let Some((current, offset)) = op {
-            let (res, b) = ready!(Pin::new(current).poll(cx));
-            let start = *offset;
-            *op = None;
-            match res {
-                Ok(n) => {
-                    let done = start + n as usize;
-                    if n == 0 && done < b.len() {
-                        *spare = b;
-                        return Poll::Ready(Err(io::Error::new(
-                            io::ErrorKind::WriteZero,
-                            "the child's stdin accepted no bytes",
-                        )));
-                    }
-                    if done < b.len() {
-                        *op = Some((proactor.write(fd, b, done), done));
-                    } else {
-                        *spare = b;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {
-                    *op = Some((proactor.write(fd, b, start), start));
-                }
-                Err(e) => {
-                    *spare = b;
-                    return Poll::Ready(Err(e));
-                }
-            }
-        }
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_write(&mut self, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
-        ready!(self.drive(cx))?;
-        if data.is_empty() {
-            return Poll::Ready(Ok(0));
-        }
-        let fd = self.fd.as_raw_fd();
-        match &mut self.io {
-            WriteIo::Proactor {
-                proactor,
-                op,
-                spare,
-            } => {
-                let n = data.len().min(CHUNK);
-                let mut b = std::mem::take(spare);
-                b.clear();
-                b.extend_from_slice(&data[..n]);
-                *op = Some((proactor.write(fd, b, 0), 0));
-                Poll::Ready(Ok(n))
-            }
-            WriteIo::Selector(src) => loop {
-                match rustix::io::write(&self.fd, data) {
-                    Ok(n) => return Poll::Ready(Ok(n)),
-                    Err(rustix::io::Errno::INTR) => {}
-                    Err(rustix::io::Errno::AGAIN) => {
-                        ready!(src.poll_ready(cx, Interest::Write))?;
-                    }
-                    Err(e) => return Poll::Ready(Err(e.into())),
-                }
-            },
-        }
-    }
-}
-
 impl Writer {
     /// Whether `poll_close` closed the pipe.
     pub(crate) fn is_closed(&self) -> bool {
@@ -289,45 +277,53 @@ impl Writer {
     }
 
     pub(crate) fn new(lp: &EventLoop, fd: OwnedFd) -> io::Result<Writer> {
-        let io = match backend(lp)? {
-            Backend::Proactor(proactor) => WriteIo::Proactor {
-                proactor,
-                op: None,
-                spare: Vec::new(),
-            },
-            Backend::Selector(sel) => WriteIo::Selector(register(&sel, &fd)?),
-        };
         Ok(Writer {
-            state: Some(WriterState { io, fd }),
+            state: Some(WriterState {
+                wait: Wait::new(lp, &fd)?,
+                growth: Growth::Default,
+                fd,
+            }),
         })
     }
 
+    /// Writes as much of `data` as the pipe takes now (at least one byte),
+    /// straight from the caller's buffer.
     pub(crate) fn poll_write(
         &mut self,
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match &mut self.state {
-            Some(st) => st.poll_write(cx, data),
-            None => Poll::Ready(Err(closed_error())),
-        }
-    }
-
-    pub(crate) fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.state {
-            Some(st) => st.drive(cx),
-            None => Poll::Ready(Ok(())),
-        }
-    }
-
-    pub(crate) fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let res = match &mut self.state {
-            Some(st) => ready!(st.drive(cx)),
-            None => return Poll::Ready(Ok(())),
+        let Some(st) = &mut self.state else {
+            return Poll::Ready(Err(closed_error()));
         };
-        // Drops the IO state, then the descriptor: the child sees EOF.
+        if data.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        loop {
+            match rustix::io::write(&st.fd, data) {
+                Ok(n) => return Poll::Ready(Ok(n)),
+                Err(rustix::io::Errno::INTR) => {}
+                Err(rustix::io::Errno::AGAIN) => {
+                    if data.len() >= BULK_WRITE {
+                        st.growth.grow(&st.fd);
+                    }
+                    ready!(st.wait.poll_ready(cx, st.fd.as_raw_fd(), Interest::Write))?;
+                }
+                Err(e) => return Poll::Ready(Err(e.into())),
+            }
+        }
+    }
+
+    /// Writes are never buffered: nothing to flush.
+    pub(crate) fn poll_flush(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    /// Closes the pipe: the child sees end-of-file.
+    pub(crate) fn poll_close(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Drops the wait, then the descriptor.
         self.state = None;
-        Poll::Ready(res)
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -350,7 +346,7 @@ impl fmt::Debug for Writer {
         match &self.state {
             Some(st) => d
                 .field("fd", &st.fd.as_raw_fd())
-                .field("io", &io_kind(matches!(st.io, WriteIo::Proactor { .. }))),
+                .field("io", &io_kind(st.wait.is_proactor())),
             None => d.field("closed", &true),
         };
         d.finish()
@@ -361,7 +357,7 @@ impl fmt::Debug for Reader {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Pipe")
             .field("fd", &self.fd.as_raw_fd())
-            .field("io", &io_kind(matches!(self.io, ReadIo::Proactor { .. })))
+            .field("io", &io_kind(self.wait.is_proactor()))
             .finish()
     }
 }

@@ -164,15 +164,36 @@ impl Reader {
         cx: &mut Context<'_>,
         out: &mut [u8],
     ) -> Poll<io::Result<usize>> {
+        if out.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        ready!(self.poll_fill(cx))?;
+        let n = out.len().min(self.buf.len() - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Poll::Ready(Ok(n))
+    }
+
+    /// Appends what the next read gives to `buf` (no zero-filling of its
+    /// spare capacity); `Ok(0)` is end-of-file.
+    pub(crate) fn poll_read_spare(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut Vec<u8>,
+    ) -> Poll<io::Result<usize>> {
+        ready!(self.poll_fill(cx))?;
+        let avail = &self.buf[self.pos..];
+        buf.extend_from_slice(avail);
+        let n = avail.len();
+        self.pos = self.buf.len();
+        Poll::Ready(Ok(n))
+    }
+
+    /// Ready once bytes are buffered or end-of-file was seen.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
-            if self.pos < self.buf.len() {
-                let n = out.len().min(self.buf.len() - self.pos);
-                out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
-                self.pos += n;
-                return Poll::Ready(Ok(n));
-            }
-            if self.eof || out.is_empty() {
-                return Poll::Ready(Ok(0));
+            if self.pos < self.buf.len() || self.eof {
+                return Poll::Ready(Ok(()));
             }
             let op = match &mut self.op {
                 Some(op) => op,
@@ -192,6 +213,7 @@ impl Reader {
                     // SAFETY: the kernel initialised `n` bytes of the spare
                     // capacity the read was given.
                     unsafe { v.set_len(v.len() + n as usize) };
+                    // A zero-byte read leaves nothing buffered: read again.
                     self.buf = v;
                 }
                 Err(e) if is_eof(&e) => {

@@ -237,8 +237,6 @@ pub(crate) fn shell_command(cmd: &str) -> (OsString, Vec<OsString>) {
 
 #[cfg(test)]
 mod tests {
-    use futures_util::AsyncReadExt;
-
     use super::*;
     use crate::EventLoop;
     use crate::subprocess::ChildStdout;

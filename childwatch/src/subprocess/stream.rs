@@ -6,19 +6,28 @@ use std::pin::Pin;
 
 use futures_io::{AsyncRead, AsyncWrite};
 
-/// Bytes asked for per read.
+/// Least spare room offered to a read.
 const CHUNK: usize = 64 * 1024;
 
-/// Reads `r` to end-of-file.
+/// Reads `r` to end-of-file, in time linear in the bytes read: straight into
+/// the output buffer, whose new room is zeroed once when it grows (never
+/// again after a `Pending`, unlike the extension traits' `read_to_end`).
 pub(crate) async fn read_to_end<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<Vec<u8>> {
+    // `out[..filled]` holds the bytes read; `out[filled..]` is zeroed room.
     let mut out = Vec::new();
-    let mut chunk = vec![0u8; CHUNK];
+    let mut filled = 0usize;
     loop {
-        let n = std::future::poll_fn(|cx| Pin::new(&mut *r).poll_read(cx, &mut chunk)).await?;
+        if out.len() - filled < CHUNK {
+            let grow = CHUNK.max(out.len());
+            out.resize(out.len() + grow, 0);
+        }
+        let room = &mut out[filled..];
+        let n = std::future::poll_fn(|cx| Pin::new(&mut *r).poll_read(cx, room)).await?;
         if n == 0 {
+            out.truncate(filled);
             return Ok(out);
         }
-        out.extend_from_slice(&chunk[..n]);
+        filled += n.min(out.len() - filled);
     }
 }
 
