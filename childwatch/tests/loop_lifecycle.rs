@@ -416,9 +416,6 @@ fn closing_loops_with_the_safe_and_fast_watchers_attached_leaks_nothing() {
 }
 
 #[test]
-#[ignore = "needs watcher fix: watcher/attach.rs keeps an owning EventLoop clone per attached \
-            loop in a thread-local map; it must hold `lp.non_owning()` (or a LoopHandle) so \
-            that dropping the user's last handle closes the loop"]
 fn dropping_loops_with_the_safe_and_fast_watchers_attached_leaks_nothing() {
     let _s = serial();
     for kind in kinds() {

@@ -440,7 +440,8 @@ fn connect<P: SubprocessProtocol>(
     ];
     let open = pipes.iter().filter(|p| p.borrow().is_some()).count() as u8;
     let shared = Rc::new(Shared {
-        lp: lp.clone(),
+        // Non-owning: the transport's tasks must not keep their loop open.
+        lp: lp.non_owning(),
         core,
         protocol: RefCell::new(Some(dynp)),
         pipes,

@@ -112,7 +112,8 @@ impl Attachment {
                 match lp.add_signal_handler(libc::SIGCHLD, handler) {
                     Ok(()) => {
                         let id = self.id;
-                        let lp2 = lp.clone();
+                        // Non-owning: an attached watcher must not keep the loop open.
+                        let lp2 = lp.non_owning();
                         let _ = LOOPS.try_with(|m| m.borrow_mut().insert((id, generation), lp2));
                         *st = Some(Attached {
                             handle: lp.handle(),
