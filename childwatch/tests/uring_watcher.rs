@@ -1141,3 +1141,102 @@ fn sentinel_two_loops_each_gets_its_own_children() {
     assert_eq!(res.total(), 120);
     w.close();
 }
+
+// ---------------------------------------------------------------- the gate
+
+/// An exit is only *seen* by io_uring (`WNOWAIT`, or a pidfd poll); the reap
+/// happens when the completion is processed on the harvesting thread, under
+/// the child's gate. Until then the child stays a zombie, so its pid cannot
+/// be given to a new child that would then receive the old status (the
+/// kernel used to reap in a per-pid `WAITID` before the status was
+/// processed).
+#[test]
+fn an_exit_stays_unreaped_until_its_completion_is_processed() {
+    let _g = shared();
+    for mode in [Mode::Proactor, Mode::Selector] {
+        for budget in BUDGETS {
+            let w = watcher(budget);
+            let res = Results::new();
+            let pid = sleeper();
+            let env = Env::new(mode);
+            env.drive(
+                || w.add_child_handler(pid, res.callback()).unwrap(),
+                || true,
+            );
+            // The loop does not run: nothing processes the completion.
+            kill(pid, libc::SIGKILL);
+            wait_state(pid, 'Z');
+            thread::sleep(Duration::from_millis(50));
+            assert_eq!(
+                proc_state(pid),
+                Some('Z'),
+                "{mode:?} budget {budget}: reaped before its status was processed"
+            );
+            assert!(res.get(pid).is_empty());
+            env.drive(|| {}, || res.len() == 1);
+            assert_eq!(res.get(pid), vec![-9], "{mode:?} budget {budget}");
+            assert_gone(pid);
+            w.close();
+        }
+    }
+}
+
+/// `add_child` with a `ChildHandle`: the watcher polls the child's one pidfd
+/// (the gate's, shared with `Process`) within the budget, none beyond it;
+/// the status is recorded in the gate, and signals after it are no-ops.
+#[test]
+fn add_child_shares_the_gates_pidfd_and_records_the_status() {
+    let _g = shared();
+    for mode in MODES {
+        for budget in BUDGETS {
+            let w = watcher(budget);
+            let res = Results::new();
+            let child = childwatch::ChildHandle::new(sleeper()).unwrap();
+            let pid = child.pid();
+            drive(
+                mode,
+                || {
+                    w.add_child(&child, res.callback()).unwrap();
+                    assert_eq!(
+                        child.pidfd().is_some(),
+                        budget > 0,
+                        "{mode:?} budget {budget}: one pidfd, and only within the budget"
+                    );
+                    child.send_signal(libc::SIGTERM).unwrap();
+                },
+                || res.len() == 1,
+            );
+            assert_eq!(res.get(pid), vec![-15], "{mode:?} budget {budget}");
+            assert_eq!(child.returncode(), Some(-15));
+            assert!(child.pidfd().is_none(), "the pidfd closes at the reap");
+            child.send_signal(libc::SIGKILL).unwrap();
+            assert_gone(pid);
+            assert_eq!(w.pidfds_held(), 0);
+            w.close();
+        }
+    }
+}
+
+/// A child reaped behind the watcher's back (a foreign `waitpid`) is
+/// reported as lost (255), through the gate, on every path.
+#[test]
+fn reaped_behind_our_back_is_255() {
+    let _g = shared();
+    for mode in MODES {
+        for budget in BUDGETS {
+            let w = watcher(budget);
+            let res = Results::new();
+            let pid = sh("sleep 0.2; exit 3");
+            drive(
+                mode,
+                || {
+                    w.add_child_handler(pid, res.callback()).unwrap();
+                    assert_eq!(reap_myself(pid), 3);
+                },
+                || res.len() == 1,
+            );
+            assert_eq!(res.get(pid), vec![255], "{mode:?} budget {budget}");
+            w.close();
+        }
+    }
+}
