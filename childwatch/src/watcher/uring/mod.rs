@@ -45,249 +45,28 @@
 //!
 //! When to choose it: the default on Linux 6.7+.
 
+mod harvester;
 mod loop_ring;
 mod machine;
 mod own_ring;
 mod sentinel;
+mod shared;
 mod sqe;
 
-use std::collections::HashMap;
 use std::fmt;
 use std::io;
-use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use io_uring::{IoUring, Probe as RingProbe, opcode};
 use rustix::process::{PidfdFlags, pidfd_open};
 
 use super::child::{ChildHandle, Reaped};
 use super::registry::{Added, Registry, Target};
-use super::threaded::{spawn_waiter, sweep_overflow};
+use super::threaded::sweep_overflow;
 use super::{ChildCallback, ChildWatcher, Pid};
 use crate::event_loop::{EventLoop, get_running_loop};
-use loop_ring::Token;
-use own_ring::OwnRing;
-use sentinel::SentinelRing;
-
-/// A counter bumped for as long as a value lives (pidfds held, `WAITID`s
-/// pending).
-#[derive(Debug)]
-struct Counted(Arc<AtomicUsize>);
-
-impl Counted {
-    fn new(c: &Arc<AtomicUsize>) -> Counted {
-        c.fetch_add(1, Ordering::SeqCst);
-        Counted(Arc::clone(c))
-    }
-}
-
-impl Drop for Counted {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-/// The watcher's use of a child's pidfd, counted against the budget. When
-/// dropped, the gate's pidfd is released too (the watcher is done polling).
-struct Pidfd {
-    fd: Arc<OwnedFd>,
-    child: ChildHandle,
-    _count: Counted,
-}
-
-impl Pidfd {
-    fn raw(&self) -> std::os::fd::RawFd {
-        use std::os::fd::AsRawFd;
-        self.fd.as_raw_fd()
-    }
-}
-
-impl Drop for Pidfd {
-    fn drop(&mut self) {
-        self.child.release_pidfd();
-    }
-}
-
-/// The probe of the state machine: a reap through the child's gate, which
-/// delivers the status to its registration.
-struct Reap<'a> {
-    inner: &'a Inner,
-    child: &'a ChildHandle,
-}
-
-impl machine::Probe for Reap<'_> {
-    fn probe(&mut self) -> io::Result<Reaped> {
-        self.inner.registry.reap(self.child)
-    }
-}
-
-/// How a registered child is being watched.
-enum How {
-    /// By a task on a proactor loop (a poll, or a per-pid `WAITID`).
-    Loop(Arc<Token>),
-    /// By operation `id` on the watcher's own ring.
-    Own(u64),
-    /// By the sentinel of a proactor loop.
-    Sentinel,
-    /// By a waiter thread (or the overflow poller).
-    Thread,
-}
-
-struct Watch {
-    child: ChildHandle,
-    how: How,
-}
-
-#[derive(Default)]
-struct State {
-    watches: HashMap<Pid, Watch>,
-    own: Option<Arc<OwnRing>>,
-    sentinels: Vec<SentinelRing>,
-}
-
-struct Inner {
-    registry: Registry,
-    closed: AtomicBool,
-    budget: AtomicUsize,
-    pidfds: Arc<AtomicUsize>,
-    waitids: Arc<AtomicUsize>,
-    /// Sentinels in flight (each counts as one pending `WAITID`).
-    sentinels: Arc<AtomicUsize>,
-    next_id: AtomicU64,
-    state: Mutex<State>,
-}
-
-/// What the start of a watch found.
-enum Start {
-    Pidfd(Pidfd),
-    NoPidfd,
-    /// Reaped already, or gone (its lost status is recorded in the gate).
-    Reaped,
-}
-
-impl Inner {
-    fn state(&self) -> MutexGuard<'_, State> {
-        // No callback runs under this lock; its data stays consistent.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::SeqCst)
-    }
-
-    fn next_id(&self) -> u64 {
-        self.next_id.fetch_add(1, Ordering::Relaxed)
-    }
-
-    fn closed_error() -> io::Error {
-        io::Error::other("the UringChildWatcher is closed; set a new child watcher")
-    }
-
-    /// The child's pidfd, within the budget.
-    fn start(&self, child: &ChildHandle) -> Start {
-        let budget = self.budget.load(Ordering::SeqCst);
-        let reserved = self
-            .pidfds
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                (n < budget).then_some(n + 1)
-            })
-            .is_ok();
-        if !reserved {
-            // Over budget: no descriptor for this child, not even the gate's.
-            child.release_pidfd();
-            return Start::NoPidfd;
-        }
-        // The reservation is counted already: every path releases it once.
-        let count = Counted(Arc::clone(&self.pidfds));
-        match child.open_pidfd() {
-            Ok(Some(fd)) => Start::Pidfd(Pidfd {
-                fd,
-                child: child.clone(),
-                _count: count,
-            }),
-            Ok(None) => Start::Reaped,
-            Err(e) => {
-                if !matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
-                    tracing::debug!("pidfd_open({}) failed ({e}); using WAITID", child.pid());
-                }
-                Start::NoPidfd
-            }
-        }
-    }
-
-    /// Forgets the watch of `child` (and its place under a sentinel).
-    fn forget(&self, child: &ChildHandle) {
-        let mut st = self.state();
-        forget_locked(&mut st, child);
-    }
-
-    /// The fallback chain's thread stage: a waiter thread, else the overflow
-    /// poller (see `threaded::spawn_waiter`). Never fails.
-    fn to_thread(self: &Arc<Self>, child: &ChildHandle) {
-        {
-            let mut st = self.state();
-            if self.is_closed()
-                || self
-                    .registry
-                    .child(child.pid())
-                    .is_none_or(|c| !c.same(child))
-            {
-                return;
-            }
-            st.watches.insert(
-                child.pid(),
-                Watch {
-                    child: child.clone(),
-                    how: How::Thread,
-                },
-            );
-        }
-        // The waiter waits by pid: no descriptor beyond the budget.
-        child.release_pidfd();
-        let inner = Arc::clone(self);
-        spawn_waiter(
-            child.clone(),
-            Box::new(move |c, rc| {
-                inner.forget(c);
-                inner.registry.deliver_to(c, rc);
-            }),
-        );
-    }
-
-    /// Moves `child` off a loop's ring (the loop is going away, or its ring
-    /// keeps failing): the watcher's own ring, else a waiter thread.
-    fn hand_over(self: &Arc<Self>, child: &ChildHandle, pidfd: Option<Pidfd>) {
-        self.forget(child);
-        if self.is_closed()
-            || self
-                .registry
-                .child(child.pid())
-                .is_none_or(|c| !c.same(child))
-        {
-            return;
-        }
-        if let Err(e) = own_ring::watch(self, child, pidfd, None) {
-            tracing::warn!(
-                "cannot move pid {} to the watcher's own io_uring ({e}); a waiter thread takes \
-                 over",
-                child.pid()
-            );
-            self.to_thread(child);
-        }
-    }
-}
-
-/// [`Inner::forget`] with the state locked.
-fn forget_locked(st: &mut State, child: &ChildHandle) {
-    let pid = child.pid();
-    if st.watches.get(&pid).is_some_and(|w| w.child.same(child)) {
-        st.watches.remove(&pid);
-    }
-    for r in &mut st.sentinels {
-        r.forget(child);
-    }
-}
+use shared::{Counted, How, Inner, Pidfd, Reap, Start, State, Watch, forget_locked};
 
 /// Watches children with io_uring: `IORING_OP_POLL_ADD` on each child's
 /// pidfd while the watcher holds fewer pidfds than its descriptor budget

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use io_uring::{IoUring, opcode, squeue};
 use rustix::event::{EventfdFlags, PollFd, PollFlags, Timespec, eventfd};
 
+use super::harvester;
 use super::loop_ring::Token;
 use super::machine::{Arm, Machine, Step};
 use super::{Counted, How, Inner, Pidfd, Reap, Watch, sqe};
@@ -52,31 +53,31 @@ enum Kind {
     Gone,
 }
 
-struct OwnOp {
+pub(super) struct OwnOp {
     child: ChildHandle,
     machine: Machine,
     kind: Kind,
     cancelled: bool,
 }
 
-struct Core {
+pub(super) struct Core {
     ring: IoUring,
-    ops: HashMap<u64, OwnOp>,
+    pub(super) ops: HashMap<u64, OwnOp>,
     /// Entries the submission queue could not take yet, oldest first.
     backlog: VecDeque<squeue::Entry>,
     /// Harvesting tasks alive on selector loops.
-    harvesters: Vec<(LoopHandle, Arc<Token>)>,
+    pub(super) harvesters: Vec<(LoopHandle, Arc<Token>)>,
     /// A reaper thread is running.
     reaper: bool,
     threads: Vec<JoinHandle<()>>,
-    closing: bool,
+    pub(super) closing: bool,
 }
 
 /// The watcher's own io_uring, shared by whoever harvests it.
 pub(super) struct OwnRing {
     /// An eventfd the ring signals at each completion: waited on without
     /// the ring's lock.
-    efd: OwnedFd,
+    pub(super) efd: OwnedFd,
     core: Mutex<Core>,
 }
 
@@ -107,7 +108,7 @@ impl OwnRing {
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, Core> {
+    pub(super) fn lock(&self) -> MutexGuard<'_, Core> {
         // No callback runs under this lock; its data stays consistent.
         self.core.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -157,7 +158,7 @@ impl Core {
     }
 
     /// Hands queued entries to the kernel.
-    fn flush(&mut self) {
+    pub(super) fn flush(&mut self) {
         while let Some(entry) = self.backlog.pop_front() {
             // SAFETY: backlog entries carry no pointer (see `push`).
             if unsafe { self.ring.submission().push(&entry) }.is_err() {
@@ -203,7 +204,7 @@ impl Core {
     }
 
     /// Cancels every operation; returns their children.
-    fn cancel_all(&mut self) -> Vec<ChildHandle> {
+    pub(super) fn cancel_all(&mut self) -> Vec<ChildHandle> {
         let ids: Vec<u64> = self.ops.keys().copied().collect();
         let mut children = Vec::new();
         for id in ids {
@@ -215,7 +216,7 @@ impl Core {
         children
     }
 
-    fn unharvested(&self) -> bool {
+    pub(super) fn unharvested(&self) -> bool {
         !self.ops.is_empty() && self.harvesters.is_empty() && !self.reaper && !self.closing
     }
 }
@@ -264,7 +265,7 @@ pub(super) fn watch(
     };
     core.start(id, op);
     let harvested = match lp {
-        Some(lp) => start_harvester(inner, &ring, &mut core, lp),
+        Some(lp) => harvester::start(inner, &ring, &mut core, lp),
         None => Err(io::Error::other("no loop")),
     };
     if harvested.is_err() {
@@ -290,7 +291,7 @@ pub(super) fn watch(
 }
 
 /// Drains the ring's completions and applies the state machine's steps.
-fn harvest(inner: &Arc<Inner>, ring: &OwnRing) {
+pub(super) fn harvest(inner: &Arc<Inner>, ring: &OwnRing) {
     loop {
         ring.reset();
         let done: Vec<(u64, i32, OwnOp)> = {
@@ -368,7 +369,11 @@ pub(super) fn harvest_orphaned(inner: &Arc<Inner>) {
 }
 
 /// Starts the reaper thread unless one runs.
-fn ensure_reaper(inner: &Arc<Inner>, ring: &Arc<OwnRing>, core: &mut Core) -> io::Result<()> {
+pub(super) fn ensure_reaper(
+    inner: &Arc<Inner>,
+    ring: &Arc<OwnRing>,
+    core: &mut Core,
+) -> io::Result<()> {
     if core.reaper || core.closing {
         return Ok(());
     }
@@ -394,126 +399,6 @@ fn reaper_main(inner: &Arc<Inner>, ring: &OwnRing) {
         let mut core = ring.lock();
         if core.closing || core.ops.is_empty() {
             core.reaper = false;
-            return;
-        }
-    }
-}
-
-/// Starts a harvesting task for `ring` on the selector loop `lp` unless one
-/// is there already.
-fn start_harvester(
-    inner: &Arc<Inner>,
-    ring: &Arc<OwnRing>,
-    core: &mut Core,
-    lp: &EventLoop,
-) -> io::Result<()> {
-    let h = lp.handle();
-    if core.harvesters.iter().any(|(l, _)| l.same_loop(&h)) {
-        return Ok(());
-    }
-    if lp.selector_backend().is_none() {
-        return Err(io::Error::other("not a selector loop"));
-    }
-    let token = Arc::new(Token::default());
-    core.harvesters.push((h, Arc::clone(&token)));
-    let guard = Harvester {
-        inner: Arc::clone(inner),
-        ring: Arc::clone(ring),
-        token,
-        done: false,
-    };
-    lp.create_task(harvester(guard)).detach();
-    Ok(())
-}
-
-/// A selector loop's harvesting task, seen from its `Drop`: if dropped
-/// with its loop while work remains, the reaper (or waiter threads) take
-/// over.
-struct Harvester {
-    inner: Arc<Inner>,
-    ring: Arc<OwnRing>,
-    token: Arc<Token>,
-    done: bool,
-}
-
-impl Harvester {
-    /// Leaves the ring's list of harvesters; work that nobody else
-    /// harvests goes to the reaper, else to waiter threads.
-    fn retire(&mut self) {
-        self.done = true;
-        let orphans = {
-            let mut core = self.ring.lock();
-            core.harvesters
-                .retain(|(_, t)| !Arc::ptr_eq(t, &self.token));
-            if !core.unharvested() {
-                return;
-            }
-            match ensure_reaper(&self.inner, &self.ring, &mut core) {
-                Ok(()) => return,
-                Err(e) => {
-                    tracing::warn!(
-                        "cannot start the io_uring reaper thread ({e}); {} child(ren) go to \
-                         waiter threads",
-                        core.ops.len()
-                    );
-                    let orphans = core.cancel_all();
-                    core.flush();
-                    orphans
-                }
-            }
-        };
-        for child in orphans {
-            self.inner.to_thread(&child);
-        }
-    }
-}
-
-impl Drop for Harvester {
-    fn drop(&mut self) {
-        if !self.done {
-            // Dropped with its loop: someone else must harvest now.
-            self.retire();
-        }
-    }
-}
-
-/// Harvests whenever the ring's descriptor turns readable; ends once
-/// nothing is in flight, or when cancelled.
-async fn harvester(mut h: Harvester) {
-    let fd = h.ring.efd.as_raw_fd();
-    let Some(lp) = crate::event_loop::get_running_loop() else {
-        return; // only runs on its loop; the guard's Drop hands over
-    };
-    loop {
-        let token = Arc::clone(&h.token);
-        let ready = {
-            let mut wait = std::pin::pin!(lp.wait_readable(fd));
-            std::future::poll_fn(|cx| {
-                if token.is_cancelled() {
-                    return std::task::Poll::Ready(None);
-                }
-                token.set_waker(cx.waker());
-                std::future::Future::poll(wait.as_mut(), cx).map(Some)
-            })
-            .await
-        };
-        match ready {
-            None => {
-                h.retire();
-                return;
-            }
-            Some(Err(e)) => {
-                tracing::warn!("cannot wait for the child watcher's io_uring: {e}");
-                h.retire();
-                return;
-            }
-            Some(Ok(())) => {}
-        }
-        harvest(&h.inner, &h.ring);
-        let mut core = h.ring.lock();
-        if core.closing || core.ops.is_empty() {
-            core.harvesters.retain(|(_, t)| !Arc::ptr_eq(t, &h.token));
-            h.done = true;
             return;
         }
     }
