@@ -1240,3 +1240,174 @@ fn reaped_behind_our_back_is_255() {
         }
     }
 }
+
+/// Runs test `name` again inside a private pid namespace whose `pid_max` is
+/// 400, where about a hundred pids recycle over and over: true when called
+/// from inside (the caller runs its body), false outside (the run inside
+/// passed, or the namespace cannot be made here: skipped with a message).
+fn in_small_pid_namespace(name: &str) -> bool {
+    if std::env::var_os("CW_IN_PID_NS").is_some() {
+        return true;
+    }
+    let _g = exclusive();
+    let ns = [
+        "--user",
+        "--map-root-user",
+        "--pid",
+        "--fork",
+        "--mount-proc",
+        "sh",
+        "-c",
+    ];
+    let probe = Command::new("unshare")
+        .args(ns)
+        .arg("echo 400 > /proc/sys/kernel/pid_max")
+        .output();
+    if !probe.as_ref().is_ok_and(|o| o.status.success()) {
+        eprintln!("skipped: cannot make a pid namespace with a small pid_max here ({probe:?})");
+        return false;
+    }
+    // sh stays pid 1 of the namespace; the test runs as one of its children.
+    let out = Command::new("unshare")
+        .args(ns)
+        .arg(format!(
+            "echo 400 > /proc/sys/kernel/pid_max && \"$0\" --exact {name} --nocapture \
+             --include-ignored --test-threads 1"
+        ))
+        .arg(std::env::current_exe().unwrap())
+        .env("CW_IN_PID_NS", "1")
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "inside the pid namespace:\n{text}");
+    assert!(text.contains("1 passed"), "{text}");
+    false
+}
+
+/// Failing input 2 of the pid-reuse issue, exactly: a child exits with 7
+/// while nothing processes its completion (the loop does not run); then the
+/// test spawns children until one takes that pid. The exit must not have
+/// freed the pid before its status was processed (the kernel used to reap
+/// in a per-pid `WAITID` at once, and the new child received 7), so no
+/// spawn gets it, and the old child's callback gets 7.
+#[test]
+fn a_pid_is_not_freed_before_its_status_is_processed() {
+    if !in_small_pid_namespace("a_pid_is_not_freed_before_its_status_is_processed") {
+        return;
+    }
+    for (mode, budget) in [
+        (Mode::Selector, 0),
+        (Mode::Selector, 4),
+        (Mode::Proactor, 0),
+    ] {
+        let w = watcher(budget);
+        let res = Results::new();
+        let env = Env::new(mode);
+        // Into the band of pids that recycle (after the first wrap-around,
+        // 300 and up).
+        for _ in 0..1000 {
+            let mut c = Command::new("true").spawn().unwrap();
+            c.wait().unwrap();
+            if c.id() >= 300 {
+                break;
+            }
+        }
+        let old = exits_with(7);
+        assert!(old >= 300, "pid {old} is not in the recycled band");
+        env.drive(|| w.add_child_handler(old, res.tagged(1)).unwrap(), || true);
+        while !matches!(proc_state(old), Some('Z') | None) {
+            thread::sleep(Duration::from_millis(1));
+        }
+        // The allocator hands out the lowest free pid of the recycled band
+        // again and again: `old`'s pid at once, if it were free.
+        let mut reused = None;
+        for _ in 0..200 {
+            let mut c = Command::new("sleep").arg("30").spawn().unwrap();
+            if c.id() as Pid == old {
+                reused = Some(c);
+                break;
+            }
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+        if let Some(c) = &reused {
+            // What a spawn would do with the recycled pid.
+            w.add_child_handler(c.id() as Pid, res.tagged(2)).unwrap();
+        }
+        env.drive(|| {}, || !res.get(old).is_empty());
+        if let Some(mut c) = reused {
+            let _ = c.kill();
+            let _ = c.wait();
+            panic!(
+                "{mode:?} budget {budget}: pid {old} was reused before its exit was processed; \
+                 callbacks got {:?}",
+                res.get(old)
+            );
+        }
+        assert_eq!(res.get(old), vec![7 * 1000 + 1], "{mode:?} budget {budget}");
+        assert_gone(old);
+        w.close();
+    }
+}
+
+/// Pid reuse under load, in the small pid namespace: random exit codes and
+/// signals, 32 children in flight, on every path (proactor, selector, no
+/// loop; budget 0, small, large): every status must reach the callback of
+/// the child it came from, once. `URING_REUSE_N` sets the number of
+/// children per path (default 2,000).
+/// `cargo test --release --test uring_watcher -- --ignored pid_reuse_stress`
+#[test]
+#[ignore]
+fn pid_reuse_stress() {
+    if !in_small_pid_namespace("pid_reuse_stress") {
+        return;
+    }
+    let n: usize = std::env::var("URING_REUSE_N")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2000);
+    let rng = std::cell::RefCell::new(Rng(0x9e37_79b9_7f4a_7c15));
+    for mode in MODES {
+        for budget in [0, 4, 1 << 16] {
+            let w = watcher(budget);
+            let wrong = Arc::new(Mutex::new(Vec::new()));
+            let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let started = std::cell::Cell::new(0usize);
+            let spawn_more = || {
+                while started.get() < n
+                    && started.get() - done.load(std::sync::atomic::Ordering::SeqCst) < 32
+                {
+                    let (pid, rc) = random_child(&mut rng.borrow_mut());
+                    let (wrong, done) = (Arc::clone(&wrong), Arc::clone(&done));
+                    w.add_child_handler(
+                        pid,
+                        Box::new(move |p, got| {
+                            if (p, got) != (pid, rc) {
+                                wrong.lock().unwrap().push((pid, rc, p, got));
+                            }
+                            done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        }),
+                    )
+                    .unwrap();
+                    started.set(started.get() + 1);
+                }
+            };
+            let finished = || {
+                spawn_more();
+                done.load(std::sync::atomic::Ordering::SeqCst) == n
+            };
+            drive(mode, || {}, finished);
+            thread::sleep(Duration::from_millis(20));
+            assert_eq!(done.load(std::sync::atomic::Ordering::SeqCst), n);
+            let wrong = wrong.lock().unwrap();
+            assert!(
+                wrong.is_empty(),
+                "{mode:?} budget {budget}: {} wrong statuses (pid, expected, got pid, got): {:?}",
+                wrong.len(),
+                &wrong[..wrong.len().min(10)]
+            );
+            w.close();
+        }
+    }
+}
