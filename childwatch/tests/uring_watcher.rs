@@ -1435,3 +1435,114 @@ fn pid_reuse_stress() {
         }
     }
 }
+
+/// Runs test `name` again as an unprivileged user (`setpriv`, uid 65534),
+/// where `RLIMIT_NPROC` is enforced: true when called from there (the
+/// caller runs its body), false here (it passed there, or `setpriv` cannot
+/// run here: skipped with a message).
+fn as_unprivileged_user(name: &str) -> bool {
+    if std::env::var_os("CW_UNPRIVILEGED").is_some() {
+        return true;
+    }
+    let _g = exclusive();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--nocapture", "--include-ignored"])
+        .args(["--test-threads", "1"])
+        .env("CW_UNPRIVILEGED", "1")
+        .output();
+    let out = match out {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("skipped: cannot run setpriv here ({e})");
+            return false;
+        }
+    };
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    if text.contains("setpriv: ") {
+        eprintln!("skipped: setpriv failed here:\n{text}");
+        return false;
+    }
+    assert!(out.status.success(), "as an unprivileged user:\n{text}");
+    assert!(text.contains("1 passed"), "{text}");
+    false
+}
+
+/// Sets the soft `RLIMIT_NPROC` (the user's processes and threads).
+fn set_nproc(n: libc::rlim_t) -> libc::rlim_t {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a local struct.
+    unsafe { assert_eq!(libc::getrlimit(libc::RLIMIT_NPROC, &mut lim), 0) };
+    let old = lim.rlim_cur;
+    lim.rlim_cur = n.min(lim.rlim_max);
+    // SAFETY: as above.
+    unsafe { assert_eq!(libc::setrlimit(libc::RLIMIT_NPROC, &lim), 0) };
+    old
+}
+
+/// Failing input 5 of the pid-reuse issue: a proactor loop with children
+/// pending is closed while no thread can start at all (`RLIMIT_NPROC` 1,
+/// unprivileged): neither the watcher's own reaper nor a waiter thread nor
+/// the overflow poller. No status may be lost: the children stay zombies
+/// (nobody reaps them behind the gate), and the next call into the watcher
+/// reaps them and delivers every status.
+#[test]
+fn no_thread_and_the_loop_closed_loses_no_status() {
+    if !as_unprivileged_user("no_thread_and_the_loop_closed_loses_no_status") {
+        return;
+    }
+    if !UringChildWatcher::is_supported() {
+        eprintln!("skipped: io_uring is not available to this user");
+        return;
+    }
+    for budget in BUDGETS {
+        let w = watcher(budget);
+        let res = Results::new();
+        let pids: Vec<Pid> = (0..10).map(|_| sleeper()).collect();
+        let env = Env::new(Mode::Proactor);
+        env.drive(
+            || {
+                for &pid in &pids {
+                    w.add_child_handler(pid, res.callback()).unwrap();
+                }
+            },
+            || true,
+        );
+        let old = set_nproc(1);
+        assert!(
+            thread::Builder::new().spawn(|| ()).is_err(),
+            "a thread started"
+        );
+        // The loop's ring goes away: the own ring's reaper, a waiter thread
+        // and the overflow poller all fail to start.
+        drop(env);
+        for &pid in &pids {
+            kill(pid, libc::SIGKILL);
+        }
+        for &pid in &pids {
+            wait_state(pid, 'Z');
+        }
+        thread::sleep(Duration::from_millis(50));
+        assert_eq!(
+            res.len(),
+            0,
+            "budget {budget}: delivered without any harvester?"
+        );
+        // Any registration checks the children nobody else can (our own
+        // pid: not our child, reported lost at once).
+        w.add_child_handler(std::process::id() as Pid, Box::new(|_, _| {}))
+            .unwrap();
+        assert_eq!(res.len(), 10, "budget {budget}");
+        for &pid in &pids {
+            assert_eq!(res.get(pid), vec![-9], "budget {budget}");
+            assert_gone(pid);
+        }
+        set_nproc(old);
+        w.close();
+    }
+}

@@ -65,6 +65,13 @@ impl SentinelRing {
         if self.per_pid.get(&pid).is_some_and(|(c, _)| c.same(child)) {
             self.per_pid.remove(&pid);
         }
+        if self.overflow.is_empty() && self.per_pid.is_empty() {
+            // Nothing left to watch: no WAITID stays pending for nobody (a
+            // new overflow child starts a new sentinel).
+            if let Some(t) = self.task.take() {
+                t.cancel();
+            }
+        }
     }
 
     /// Stops the sentinel task (watcher close).

@@ -213,6 +213,12 @@ impl Inner {
         {
             return;
         }
+        // Dead already (its loop did not run to see it): reap it here, so
+        // its status arrives even if nothing can watch it any more.
+        if let Ok(Reaped::Now(_) | Reaped::Before(_)) = self.registry.reap(child) {
+            self.forget(child);
+            return;
+        }
         if let Err(e) = own_ring::watch(self, child, pidfd, None) {
             tracing::warn!(
                 "cannot move pid {} to the watcher's own io_uring ({e}); a waiter thread takes \
