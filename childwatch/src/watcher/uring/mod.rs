@@ -37,8 +37,9 @@
 //! no loop at all, by one lazily started reaper thread. Each child's
 //! decisions come from one state machine ([`machine`]). When a ring cannot
 //! watch a child any more (its loop closed, errors beyond the budget): loop
-//! ring → own ring → a waiter thread → the shared overflow poller; a child
-//! is never dropped.
+//! ring → own ring → a waiter thread → the shared overflow poller. A child
+//! is never dropped: with no thread to be had at all, it waits unreaped on
+//! the overflow list, which every registration checks.
 //!
 //! `close()` cancels everything (a cancelled `WNOWAIT` wait reaps nothing),
 //! reaps the children that already died and leaves live ones to the caller.
