@@ -23,13 +23,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use io_uring::{IoUring, opcode, squeue};
+use io_uring::IoUring;
 use rustix::event::{EventfdFlags, PollFd, PollFlags, Timespec, eventfd};
 
 use super::harvester;
 use super::loop_ring::Token;
 use super::machine::{Arm, Machine, Step};
-use super::{Counted, How, Inner, Pidfd, Reap, Watch, sqe};
+use super::sqe::{self, Sqe};
+use super::{Counted, How, Inner, Pidfd, Reap, Watch};
 use crate::event_loop::{EventLoop, LoopHandle};
 use crate::watcher::child::ChildHandle;
 
@@ -64,7 +65,7 @@ pub(super) struct Core {
     ring: IoUring,
     pub(super) ops: HashMap<u64, OwnOp>,
     /// Entries the submission queue could not take yet, oldest first.
-    backlog: VecDeque<squeue::Entry>,
+    backlog: VecDeque<Sqe>,
     /// Harvesting tasks alive on selector loops.
     pub(super) harvesters: Vec<(LoopHandle, Arc<Token>)>,
     /// A reaper thread is running.
@@ -139,18 +140,14 @@ impl OwnRing {
 }
 
 impl Core {
-    /// Queues `entry`, which carries no pointer: a poll names a descriptor
-    /// its operation keeps open, a `WAITID` has no siginfo, a cancel or a
-    /// no-op names nothing.
-    fn push(&mut self, entry: squeue::Entry) {
+    /// Queues `entry` (the submission queue, else the backlog).
+    fn push(&mut self, entry: Sqe) {
         if self.backlog.is_empty() {
-            // SAFETY: the entry carries no pointer (see above).
-            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+            if entry.push(&mut self.ring) {
                 return;
             }
             let _ = self.ring.submit();
-            // SAFETY: as above.
-            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+            if entry.push(&mut self.ring) {
                 return;
             }
         }
@@ -160,8 +157,7 @@ impl Core {
     /// Hands queued entries to the kernel.
     pub(super) fn flush(&mut self) {
         while let Some(entry) = self.backlog.pop_front() {
-            // SAFETY: backlog entries carry no pointer (see `push`).
-            if unsafe { self.ring.submission().push(&entry) }.is_err() {
+            if !entry.push(&mut self.ring) {
                 self.backlog.push_front(entry);
                 if self.ring.submit().is_err() {
                     break;
@@ -200,7 +196,7 @@ impl Core {
         }
         op.cancelled = true;
         op.kind = Kind::Gone;
-        self.push(opcode::AsyncCancel::new(id).build().user_data(CANCEL_TAG));
+        self.push(sqe::cancel(id).user_data(CANCEL_TAG));
     }
 
     /// Cancels every operation; returns their children.
@@ -445,7 +441,7 @@ impl OwnRing {
             while !t.is_finished() {
                 {
                     let mut core = self.lock();
-                    core.push(opcode::Nop::new().build().user_data(WAKE_TAG));
+                    core.push(sqe::nop().user_data(WAKE_TAG));
                     core.flush();
                 }
                 std::thread::sleep(Duration::from_millis(1));

@@ -1,10 +1,11 @@
 //! The io_uring submission entries the watcher uses, and the one buffer the
 //! kernel writes into (the sentinel's `siginfo_t`). Every `unsafe` of the
-//! watcher is here, next to the entry it builds.
+//! watcher is here, next to the entry it builds: the entries for the own
+//! ring ([`Sqe`]) carry no pointer, so pushing them is safe.
 
 use std::os::fd::RawFd;
 
-use io_uring::{opcode, squeue, types};
+use io_uring::{IoUring, opcode, squeue, types};
 
 use super::Counted;
 use crate::event_loop::proactor::{Op, Proactor};
@@ -32,20 +33,53 @@ impl SigInfo {
     }
 }
 
-/// `POLL_ADD(POLLIN)` on a pidfd: readable once the child exited.
-pub(super) fn poll(fd: RawFd) -> squeue::Entry {
-    opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).build()
+/// An entry for the watcher's own ring that carries no pointer: only the
+/// builders below make one.
+pub(super) struct Sqe(squeue::Entry);
+
+impl Sqe {
+    /// Tags the entry with `user_data`.
+    pub(super) fn user_data(self, data: u64) -> Sqe {
+        Sqe(self.0.user_data(data))
+    }
+
+    /// Queues the entry on `ring`; `false` if its submission queue is full.
+    pub(super) fn push(&self, ring: &mut IoUring) -> bool {
+        // SAFETY: the entry carries no pointer (see the builders); a poll
+        // names a descriptor that its operation keeps open until it is
+        // cancelled, and the kernel takes its own reference at submission.
+        unsafe { ring.submission().push(&self.0) }.is_ok()
+    }
 }
 
-/// `WAITID(P_PID, WEXITED | WNOWAIT)` with no siginfo: completes when the
-/// child is a zombie, reaps nothing and writes nothing.
-pub(super) fn waitid(pid: Pid) -> squeue::Entry {
+/// `POLL_ADD(POLLIN)` on a pidfd: readable once the child exited.
+pub(super) fn poll(fd: RawFd) -> Sqe {
+    Sqe(opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).build())
+}
+
+fn waitid_entry(pid: Pid) -> squeue::Entry {
     opcode::WaitId::new(
         libc::P_PID,
         pid as libc::id_t,
         libc::WEXITED | libc::WNOWAIT,
     )
     .build()
+}
+
+/// `WAITID(P_PID, WEXITED | WNOWAIT)` with no siginfo: completes when the
+/// child is a zombie, reaps nothing and writes nothing.
+pub(super) fn waitid(pid: Pid) -> Sqe {
+    Sqe(waitid_entry(pid))
+}
+
+/// Cancels the operation tagged `id`.
+pub(super) fn cancel(id: u64) -> Sqe {
+    Sqe(opcode::AsyncCancel::new(id).build())
+}
+
+/// Does nothing; its completion wakes whoever waits on the ring.
+pub(super) fn nop() -> Sqe {
+    Sqe(opcode::Nop::new().build())
 }
 
 /// The sentinel: `WAITID(P_ALL, WEXITED | WNOWAIT)` writing the pid of some
@@ -62,7 +96,7 @@ fn sentinel(si: &mut SigInfo) -> squeue::Entry {
 pub(super) fn loop_waitid(p: &Proactor, pid: Pid, count: Counted) -> Op<Counted> {
     // SAFETY: the entry carries no pointer (no siginfo) and names no
     // descriptor.
-    unsafe { p.submit(waitid(pid), count) }
+    unsafe { p.submit(waitid_entry(pid), count) }
 }
 
 /// The sentinel on a loop's ring.
