@@ -151,6 +151,7 @@ impl Registry {
     }
 
     /// Registers (or replaces) the handler of `pid`.
+    #[cfg_attr(unix, allow(dead_code))] // the Windows watcher; unix uses add_child
     pub(crate) fn add(&self, pid: Pid, callback: ChildCallback, target: Target) -> Added {
         let handler = Handler::new(callback, target);
         let mut st = self.lock();
@@ -174,7 +175,7 @@ impl Registry {
     }
 
     /// Whether `pid` has a handler.
-    #[cfg_attr(windows, allow(dead_code))] // used by the unix watchers
+    #[allow(dead_code)] // kept for watchers keyed by pid alone
     pub(crate) fn contains(&self, pid: Pid) -> bool {
         self.lock().handlers.contains_key(&pid)
     }

@@ -12,7 +12,7 @@
 use std::io;
 
 #[cfg(unix)]
-use rustix::process::{Pid as RPid, WaitIdStatus, WaitOptions, WaitStatus, waitpid};
+use rustix::process::Pid as RPid;
 
 use super::{Pid, ReturnCode};
 
@@ -28,34 +28,12 @@ pub(crate) fn lost(pid: Pid) -> ReturnCode {
 }
 
 #[cfg(unix)]
-/// The returncode of a `waitpid` status; `None` for a stop or continue.
-pub(crate) fn from_wait_status(status: WaitStatus) -> Option<ReturnCode> {
-    if let Some(code) = status.exit_status() {
-        Some(code)
-    } else {
-        status.terminating_signal().map(|sig| -sig)
-    }
-}
-
-#[cfg(unix)]
 /// The returncode of a raw `waitpid` status word; `None` for a stop or continue.
 pub fn from_raw_wait_status(raw: i32) -> Option<ReturnCode> {
     if libc::WIFEXITED(raw) {
         Some(libc::WEXITSTATUS(raw))
     } else if libc::WIFSIGNALED(raw) {
         Some(-libc::WTERMSIG(raw))
-    } else {
-        None
-    }
-}
-
-#[cfg(unix)]
-/// The returncode of a `waitid` siginfo; `None` for a stop, trap or continue.
-pub(crate) fn from_waitid(status: &WaitIdStatus) -> Option<ReturnCode> {
-    if status.exited() {
-        status.exit_status()
-    } else if status.killed() || status.dumped() {
-        status.terminating_signal().map(|s| -s)
     } else {
         None
     }
@@ -85,27 +63,6 @@ pub(crate) fn rpid(pid: Pid) -> io::Result<RPid> {
         return Err(invalid());
     }
     RPid::from_raw(pid).ok_or_else(invalid)
-}
-
-#[cfg(unix)]
-/// Blocking `waitpid(pid, 0)` until the child exits (stops and continues are
-/// skipped); 255 with a warning if it is not our child.
-pub(crate) fn reap_blocking(pid: Pid) -> ReturnCode {
-    let Ok(p) = rpid(pid) else {
-        return lost(pid);
-    };
-    loop {
-        match waitpid(Some(p), WaitOptions::empty()) {
-            Ok(Some((_, st))) => {
-                if let Some(rc) = from_wait_status(st) {
-                    return rc;
-                }
-            }
-            Ok(None) => {}
-            Err(rustix::io::Errno::INTR) => {}
-            Err(_) => return lost(pid),
-        }
-    }
 }
 
 #[cfg(unix)]
