@@ -34,6 +34,7 @@ use rustix::event::{PollFd, PollFlags, Timespec, poll};
 use super::attach::SAFETY_PERIOD;
 use super::child::ChildHandle;
 use super::registry::{Added, Registry, Target};
+use super::threaded::adopt_overflow;
 use super::{ChildCallback, ChildWatcher, Pid};
 use crate::event_loop::EventLoop;
 use crate::sys::{SigchldDisposition, sigchld_disposition};
@@ -235,7 +236,11 @@ impl ChildWatcher for MultiLoopChildWatcher {
         self.inner.registry.remove(pid)
     }
 
-    fn attach_loop(&self, _lp: Option<&EventLoop>) {}
+    fn attach_loop(&self, lp: Option<&EventLoop>) {
+        // Needs no loop; a new one still adopts children stranded with no
+        // thread to watch them.
+        adopt_overflow(lp);
+    }
 
     fn is_active(&self) -> bool {
         self.running

@@ -45,7 +45,7 @@ use rustix::process::{PidfdFlags, WaitId, WaitIdOptions, pidfd_open, waitid};
 
 use super::child::{ChildHandle, Reaped};
 use super::registry::{Added, Registry, Target};
-use super::threaded::spawn_waiter;
+use super::threaded::{adopt_overflow, spawn_waiter};
 use super::{ChildCallback, ChildWatcher, Pid};
 use crate::event_loop::{EventLoop, get_running_loop, sleep};
 
@@ -425,7 +425,11 @@ impl ChildWatcher for PidfdChildWatcher {
         removed
     }
 
-    fn attach_loop(&self, _lp: Option<&EventLoop>) {}
+    fn attach_loop(&self, lp: Option<&EventLoop>) {
+        // Needs no loop; a new one still adopts children stranded with no
+        // thread to watch them.
+        adopt_overflow(lp);
+    }
 
     fn is_active(&self) -> bool {
         !self.inner.lock().closed

@@ -110,7 +110,9 @@ impl ChildWatcher for ThreadedChildWatcher {
         self.inner.registry.remove(pid)
     }
 
-    fn attach_loop(&self, _lp: Option<&EventLoop>) {}
+    fn attach_loop(&self, lp: Option<&EventLoop>) {
+        adopt_overflow(lp);
+    }
 
     fn is_active(&self) -> bool {
         !self.inner.closed.load(Ordering::SeqCst)
@@ -225,6 +227,22 @@ pub(super) fn overflow_watch(child: ChildHandle, on_exit: OnExit) {
                 poll_from_loop(&lp, Duration::from_millis(1));
             }
         }
+    }
+}
+
+/// `attach_loop(Some(lp))` of the watchers that need no loop: children
+/// stranded on the overflow list with no poller thread (no thread could be
+/// started, and the loop that polled them closed) are polled from `lp`'s
+/// timers from now on, so attaching a new loop is enough to get their
+/// statuses.
+pub(super) fn adopt_overflow(lp: Option<&EventLoop>) {
+    let Some(lp) = lp else { return };
+    let stranded = {
+        let ov = OVERFLOW.lock().unwrap_or_else(|p| p.into_inner());
+        !ov.0.is_empty() && !ov.1
+    };
+    if stranded && !lp.is_closed() {
+        poll_from_loop(lp, Duration::from_millis(1));
     }
 }
 

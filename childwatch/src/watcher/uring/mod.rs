@@ -64,6 +64,7 @@ use rustix::process::{PidfdFlags, pidfd_open};
 
 use super::child::{ChildHandle, Reaped};
 use super::registry::{Added, Registry, Target};
+use super::threaded::adopt_overflow;
 use super::threaded::sweep_overflow;
 use super::{ChildCallback, ChildWatcher, Pid};
 use crate::event_loop::{EventLoop, get_running_loop};
@@ -287,7 +288,11 @@ impl ChildWatcher for UringChildWatcher {
         removed
     }
 
-    fn attach_loop(&self, _lp: Option<&EventLoop>) {}
+    fn attach_loop(&self, lp: Option<&EventLoop>) {
+        // Needs no loop; a new one still adopts children stranded with no
+        // thread to watch them.
+        adopt_overflow(lp);
+    }
 
     fn is_active(&self) -> bool {
         !self.inner.is_closed()
