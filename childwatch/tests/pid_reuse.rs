@@ -242,6 +242,73 @@ fn kill_on_drop_after_exit_no_pidfd(wk: Wk, kind: LoopKind) {
     lp.close().expect("close loop");
 }
 
+/// asyncio's "remove the handler, then reap it yourself": after
+/// `remove_child_handler` and a `waitpid` by hand, the pid is reused by an
+/// unrelated `sleep 30`; `Process::kill()` must not reach it (the gate was
+/// pinned with a pidfd when the watcher dropped the callback). Also checks
+/// that `add_child_handler(pid)` by hand shares the `Process`'s gate: its
+/// callback gets the exit code, and the `Process` sees the same.
+fn remove_then_reap_by_hand(wk: Wk, kind: LoopKind) {
+    let Some((lp, w)) = setup(wk, kind) else {
+        return;
+    };
+    let mut strangers = Strangers::default();
+    lp.run_until_complete(async {
+        let p = create_subprocess_exec("sh", ["-c", "sleep 0.1; exit 3"])
+            .watcher(Arc::clone(&w))
+            .spawn()
+            .expect("spawn");
+        let pid = p.pid();
+        assert!(w.remove_child_handler(pid));
+        fault_util::wait_exited(pid);
+        // SAFETY: our own child, reaped by hand as the caller took it over.
+        // (Threaded's waiter cannot be cancelled and may reap it first,
+        // through the gate: then this is ECHILD.)
+        let r = unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+        assert!(r == pid || (r == -1 && wk == Wk::Threaded), "waitpid: {r}");
+        match pidns::stranger_with_pid(pid) {
+            Some(s) => {
+                strangers.0.push(s);
+                p.kill().expect("kill after a reap by hand is a no-op");
+                assert_stranger_alive(strangers.0.last_mut().unwrap(), "remove + reap by hand");
+            }
+            None => println!("{wk:?}/{kind}: pid {pid} not reused in time"),
+        }
+        drop(p);
+        // The same pid through add_child_handler shares the Process's gate.
+        let q = create_subprocess_exec("sh", ["-c", "sleep 0.1; exit 4"])
+            .watcher(Arc::clone(&w))
+            .spawn()
+            .expect("spawn");
+        let (tx, rx) = std::sync::mpsc::channel();
+        w.add_child_handler(q.pid(), Box::new(move |_, rc| tx.send(rc).unwrap()))
+            .unwrap();
+        // The same pid on the same watcher replaces the Process's callback
+        // (asyncio's rule); the status still reaches the gate both share.
+        let mut got = None;
+        for _ in 0..3000 {
+            if let Ok(rc) = rx.try_recv() {
+                got = Some(rc);
+                break;
+            }
+            sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(got, Some(4));
+        assert_eq!(
+            q.returncode(),
+            Some(4),
+            "the Process sees its gate's status"
+        );
+        let z = fault_util::zombies_after(Duration::from_secs(5)).await;
+        assert!(z.is_empty(), "zombies left: {z:?}");
+    })
+    .expect("loop ran");
+    drop(strangers);
+    w.close();
+    lp.close().expect("close loop");
+}
+
+matrix!(remove_then_reap_by_hand, NS_LIMIT);
 matrix!(signal_after_exit, NS_LIMIT);
 matrix!(kill_on_drop_after_exit_no_pidfd, NS_LIMIT);
 matrix!(signal_after_exit_no_pidfd, NS_LIMIT);

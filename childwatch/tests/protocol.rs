@@ -417,17 +417,24 @@ mod cases {
         assert_eq!(r.2, b"e\n");
     }
 
-    /// Dropping the last transport without `close()` closes it: the child
-    /// is killed and `connection_lost` still comes.
+    /// Dropping the last transport without `close()` does not kill a running
+    /// child (asyncio's transport lives while its child runs): the output
+    /// and the exit still arrive, then the transport closes.
     pub fn drop_without_close(cx: &Ctx) {
         let lp = cx.lp.clone();
-        let mut c = cx.cmd(create_subprocess_exec("sleep", ["30"]));
-        let events = cx
+        let mut c = cx.sh("sleep 0.2; echo hi; exit 6");
+        let (events, out) = cx
             .lp
             .run_until_complete(async move {
-                #[derive(Default)]
-                struct Quiet(Rc<RefCell<Rec>>);
-                impl SubprocessProtocol for Quiet {
+                /// Forwards to a shared recorder; keeps no transport.
+                struct Fwd(Rc<RefCell<Rec>>);
+                impl SubprocessProtocol for Fwd {
+                    fn pipe_data_received(&mut self, fd: i32, data: &[u8]) {
+                        self.0.borrow_mut().pipe_data_received(fd, data);
+                    }
+                    fn pipe_connection_lost(&mut self, fd: i32, exc: Option<io::Error>) {
+                        self.0.borrow_mut().pipe_connection_lost(fd, exc);
+                    }
                     fn process_exited(&mut self) {
                         self.0.borrow_mut().events.push(Ev::Exited(None));
                     }
@@ -437,13 +444,98 @@ mod cases {
                 }
                 let rec = Rc::new(RefCell::new(Rec::default()));
                 let r2 = Rc::clone(&rec);
-                let (t, _p) = lp.subprocess_exec(move || Quiet(r2), &mut c).await.unwrap();
-                drop(t);
+                let (_, _p) = lp.subprocess_exec(move || Fwd(r2), &mut c).await.unwrap();
                 lost(&rec).await;
-                rec.borrow().events.clone()
+                let r = rec.borrow();
+                (r.events.clone(), r.out.clone())
             })
             .unwrap();
-        assert_eq!(events, vec![Ev::Exited(None), Ev::Lost(false)]);
+        assert_eq!(out, b"hi\n", "{events:?}");
+        assert_eq!(events.iter().filter(|e| **e == Ev::Exited(None)).count(), 1);
+        assert_eq!(events.last(), Some(&Ev::Lost(false)), "{events:?}");
+    }
+
+    /// A piped stdin nobody closes does not hold `connection_lost` back:
+    /// it closes when the child exits (asyncio sees the reader hang up).
+    pub fn unclosed_stdin_closes_at_exit(cx: &Ctx) {
+        let mut c = cx.sh("echo hi");
+        c.stdin(Stdio::piped());
+        let rec = cx.run(c, |_| {}, async |_| {});
+        let r = rec.borrow();
+        check_order(&r.events, &[0, 1, 2]);
+        assert_eq!(r.out, b"hi\n");
+    }
+
+    /// A protocol borrowed elsewhere across an `.await`: events wait, in
+    /// order, and none is lost (nothing overtakes a waiting event).
+    #[allow(clippy::await_holding_refcell_ref)] // on purpose: what the transport must survive
+    pub fn busy_protocol_keeps_order(cx: &Ctx) {
+        let lp = cx.lp.clone();
+        let mut c = cx.sh("echo a; sleep 0.1; echo b; sleep 0.1 & exit 0");
+        let (events, out) = cx
+            .lp
+            .run_until_complete(async move {
+                let (_t, rec) = lp.subprocess_exec(Rec::default, &mut c).await.unwrap();
+                // Hold the protocol through the child's whole life (on
+                // purpose: what the transport must survive).
+                {
+                    let _g = rec.borrow_mut();
+                    sleep(Duration::from_millis(400)).await;
+                }
+                lost(&rec).await;
+                let r = rec.borrow();
+                (r.events.clone(), r.out.clone())
+            })
+            .unwrap();
+        check_order(&events, &[1, 2]);
+        assert_eq!(out, b"a\nb\n", "{events:?}");
+        assert_eq!(exited_rc(&events), Some(0));
+    }
+
+    /// A panic in a callback is logged; every later event still comes.
+    pub fn panicking_callback_goes_on(cx: &Ctx) {
+        #[derive(Default)]
+        struct Boom(Rec, bool);
+        impl SubprocessProtocol for Boom {
+            fn connection_made(&mut self, t: &SubprocessTransport) {
+                self.0.connection_made(t);
+            }
+            fn pipe_data_received(&mut self, fd: i32, data: &[u8]) {
+                self.0.pipe_data_received(fd, data);
+                if !self.1 {
+                    self.1 = true;
+                    panic!("a protocol bug");
+                }
+            }
+            fn pipe_connection_lost(&mut self, fd: i32, exc: Option<io::Error>) {
+                self.0.pipe_connection_lost(fd, exc);
+            }
+            fn process_exited(&mut self) {
+                self.0.process_exited();
+                panic!("another protocol bug");
+            }
+            fn connection_lost(&mut self, exc: Option<io::Error>) {
+                self.0.connection_lost(exc);
+            }
+        }
+        let lp = cx.lp.clone();
+        let mut c = cx.sh("echo a; sleep 0.05; echo b");
+        let (events, out) = cx
+            .lp
+            .run_until_complete(async move {
+                let (_t, p) = lp.subprocess_exec(Boom::default, &mut c).await.unwrap();
+                for _ in 0..3000 {
+                    if p.borrow().0.done {
+                        break;
+                    }
+                    sleep(Duration::from_millis(10)).await;
+                }
+                let r = &p.borrow().0;
+                (r.events.clone(), r.out.clone())
+            })
+            .unwrap();
+        check_order(&events, &[1, 2]);
+        assert_eq!(out, b"a\nb\n");
     }
 
     /// `subprocess_exec` on a loop that is not running is an error.
@@ -491,6 +583,8 @@ macro_rules! matrix {
                 output_then_exit, exit_before_eof, eof_before_exit, grandchild_holds_pipe,
                 kill, close_while_running, stdin_in_pieces_then_eof,
                 ten_megabytes_with_pause_resume, drop_without_close, needs_its_running_loop,
+                unclosed_stdin_closes_at_exit, busy_protocol_keeps_order,
+                panicking_callback_goes_on,
             );
         }
     )*};

@@ -339,6 +339,9 @@ impl Command {
             }
         };
         let exit = Arc::new(ExitSlot::default());
+        #[cfg(unix)]
+        let report = ExitReport::pinning(&exit, &os);
+        #[cfg(windows)]
         let report = ExitReport::new(&exit);
         let callback = Box::new(move |_pid: Pid, rc: ReturnCode| report.fire(rc));
         #[cfg(unix)]

@@ -55,12 +55,30 @@ impl ExitSlot {
 /// hanging.
 pub(crate) struct ExitReport {
     slot: Option<Arc<ExitSlot>>,
+    /// Pinned with a pidfd if the watcher drops the callback uncalled.
+    #[cfg(unix)]
+    child: Option<crate::watcher::ChildHandle>,
 }
 
 impl ExitReport {
+    #[cfg(any(windows, test))]
     pub(crate) fn new(slot: &Arc<ExitSlot>) -> ExitReport {
         ExitReport {
             slot: Some(Arc::clone(slot)),
+            #[cfg(unix)]
+            child: None,
+        }
+    }
+
+    /// The same, pinning `child` with a pidfd when the watcher drops the
+    /// callback without calling it (it stopped watching: closed, removed):
+    /// from then on nobody of ours may reap it, and only a pidfd opened
+    /// while it is surely still ours keeps `send_signal` exact.
+    #[cfg(unix)]
+    pub(crate) fn pinning(slot: &Arc<ExitSlot>, child: &crate::watcher::ChildHandle) -> ExitReport {
+        ExitReport {
+            slot: Some(Arc::clone(slot)),
+            child: Some(child.clone()),
         }
     }
 
@@ -74,6 +92,12 @@ impl ExitReport {
 impl Drop for ExitReport {
     fn drop(&mut self) {
         if let Some(slot) = self.slot.take() {
+            #[cfg(unix)]
+            if let Some(c) = self.child.take() {
+                if c.returncode().is_none() {
+                    c.pin();
+                }
+            }
             slot.finish(None);
         }
     }
@@ -181,9 +205,22 @@ impl ChildCore {
         &self.child
     }
 
-    /// The return code once the watcher reported the exit.
+    /// The return code once the watcher reported the exit, or, when the
+    /// watcher stopped watching, once the child's gate recorded its reap.
     pub(crate) fn returncode(&self) -> Option<ReturnCode> {
-        self.exit.lock().rc
+        let st = self.exit.lock();
+        #[cfg(unix)]
+        if st.rc.is_none() && st.lost {
+            return self.child.returncode();
+        }
+        st.rc
+    }
+
+    /// Whether the watcher dropped this child's callback without calling it
+    /// while the child is not reaped: nobody of ours reaps it now.
+    #[cfg(unix)]
+    pub(crate) fn orphaned(&self) -> bool {
+        self.exit.lock().lost && self.child.returncode().is_none()
     }
 
     /// A future of the exit (see [`WaitExit`]).
@@ -193,6 +230,19 @@ impl ChildCore {
             pid: self.pid,
             key: None,
         }
+    }
+
+    /// [`wait`](Self::wait), and when the watcher stopped watching, the
+    /// status the child's gate recorded if it has one.
+    pub(crate) async fn wait_status(&self) -> io::Result<ReturnCode> {
+        let r = self.wait().await;
+        #[cfg(unix)]
+        if r.is_err() {
+            if let Some(rc) = self.child.returncode() {
+                return Ok(rc);
+            }
+        }
+        r
     }
 
     /// `Process::send_signal` on Windows: SIGTERM and SIGKILL only.
@@ -220,19 +270,15 @@ impl ChildCore {
             return Ok(());
         }
         if st.lost && self.child.pidfd().is_none() && self.child.returncode().is_none() {
-            // The watcher stopped watching: whoever reaps the child now may
-            // not use its gate, so kill(2) could hit a recycled pid. Pin the
-            // child with a pidfd (checked to name our unreaped child) first.
-            if let Err(e) = self.child.open_pidfd() {
-                return Err(io::Error::new(
-                    e.kind(),
-                    format!(
-                        "the child watcher stopped watching pid {} and no pidfd can be opened \
-                         ({e}); refusing to signal a pid that may have been recycled",
-                        self.pid
-                    ),
-                ));
-            }
+            // The watcher stopped watching (and pinned a pidfd if it could):
+            // whoever reaps the child now may not use its gate, so kill(2)
+            // could hit a recycled pid. Opening a pidfd only now would not
+            // prove it is still our child.
+            return Err(io::Error::other(format!(
+                "the child watcher stopped watching pid {} and no pidfd is held; refusing to \
+                 signal a pid that may have been recycled",
+                self.pid
+            )));
         }
         // Decided under the child's gate: a no-op once it is reaped.
         self.child.send_signal(sig)
@@ -246,6 +292,19 @@ impl ChildCore {
     /// SIGKILL (Windows: `TerminateProcess(h, 1)`).
     pub(crate) fn kill(&self) -> io::Result<()> {
         self.send_signal(SIGKILL)
+    }
+}
+
+#[cfg(unix)]
+impl Drop for ChildCore {
+    /// A child its watcher stopped watching (closed, or its handler
+    /// removed) would stay a zombie once nobody holds it: it goes to the
+    /// shared overflow poller, which reaps it through its gate (tokio's
+    /// orphan queue does the same for a dropped child).
+    fn drop(&mut self) {
+        if self.orphaned() {
+            crate::watcher::reap_orphan(&self.child);
+        }
     }
 }
 
@@ -278,9 +337,7 @@ mod tests {
     #[test]
     fn every_waiter_is_woken_once_and_sees_the_code() {
         let slot = Arc::new(ExitSlot::default());
-        let report = ExitReport {
-            slot: Some(Arc::clone(&slot)),
-        };
+        let report = ExitReport::new(&slot);
         let (counts, wakers): (Vec<_>, Vec<_>) = (0..3).map(|_| waker()).unzip();
         let mut waits: Vec<_> = (0..3).map(|_| Box::pin(wait(&slot))).collect();
         for (w, wk) in waits.iter_mut().zip(&wakers) {
@@ -320,9 +377,7 @@ mod tests {
     #[test]
     fn a_dropped_callback_fails_the_waiters() {
         let slot = Arc::new(ExitSlot::default());
-        let report = ExitReport {
-            slot: Some(Arc::clone(&slot)),
-        };
+        let report = ExitReport::new(&slot);
         let (c, w) = waker();
         let mut fut = Box::pin(wait(&slot));
         assert!(fut.as_mut().poll(&mut Context::from_waker(&w)).is_pending());

@@ -103,7 +103,7 @@ impl Process {
     /// Errors only if the watcher stopped watching the child before it
     /// exited (it was closed).
     pub async fn wait(&self) -> io::Result<ReturnCode> {
-        self.core.wait().await
+        self.core.wait_status().await
     }
 
     /// Writes `input` (if any) to stdin and closes it, while reading stdout

@@ -213,21 +213,94 @@ struct Shared {
     exit_error: RefCell<Option<io::Error>>,
     closed: Cell<bool>,
     lost: Cell<bool>,
+    /// Events not delivered yet because the protocol was borrowed
+    /// elsewhere, in order; nothing overtakes them.
+    queue: RefCell<VecDeque<Event>>,
+    /// A retry of the queue is scheduled.
+    retry: Cell<bool>,
+    /// Readers waiting for the queue to drain (backpressure).
+    drained: RefCell<Vec<Waker>>,
+    /// The last handle was dropped without `close()`: close once the child
+    /// has exited (as asyncio's transport, kept alive by its watcher).
+    close_on_exit: Cell<bool>,
 }
 
+/// How long a busy protocol is left alone before the next delivery try.
+const BUSY_RETRY: std::time::Duration = std::time::Duration::from_millis(1);
+
 impl Shared {
-    /// Calls `f` on the protocol now, or on a later iteration if it is
-    /// borrowed elsewhere. Nothing is called after `connection_lost`.
+    /// Calls `f` on the protocol, in order: now, unless earlier events wait
+    /// or the protocol is borrowed elsewhere; then after them, retried every
+    /// [`BUSY_RETRY`]. Nothing is called after `connection_lost`. A panic
+    /// in a callback is caught and logged (asyncio logs "Exception in
+    /// callback") and the transport goes on.
     fn invoke(self: &Rc<Self>, f: Event) {
+        let f = if self.queue.borrow().is_empty() {
+            match self.call(f) {
+                Ok(()) => return,
+                Err(f) => f,
+            }
+        } else {
+            f
+        };
+        // Busy (or behind others): keep it, in order.
+        self.queue.borrow_mut().push_back(f);
+        self.schedule_retry();
+    }
+
+    /// Delivers `f` now if the protocol is free; gives it back if busy.
+    fn call(self: &Rc<Self>, f: Event) -> Result<(), Event> {
         let proto = self.protocol.borrow().clone();
-        let Some(proto) = proto else { return };
-        match proto.try_borrow_mut() {
-            Ok(mut p) => f(&mut *p),
-            Err(_) => {
-                let me = Rc::clone(self);
-                self.lp.call_soon(move || me.invoke(f));
+        let Some(proto) = proto else { return Ok(()) };
+        let Ok(mut p) = proto.try_borrow_mut() else {
+            return Err(f);
+        };
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut *p)));
+        if r.is_err() {
+            tracing::error!(
+                "a SubprocessProtocol callback of pid {} panicked; the transport goes on",
+                self.core.pid()
+            );
+        }
+        Ok(())
+    }
+
+    fn schedule_retry(self: &Rc<Self>) {
+        if self.retry.replace(true) {
+            return;
+        }
+        let me = Rc::clone(self);
+        self.lp.call_later(BUSY_RETRY, move || {
+            me.retry.set(false);
+            me.drain();
+        });
+    }
+
+    /// Delivers the queued events in order until the protocol is busy.
+    fn drain(self: &Rc<Self>) {
+        loop {
+            let Some(f) = self.queue.borrow_mut().pop_front() else {
+                for w in self.drained.borrow_mut().drain(..) {
+                    w.wake();
+                }
+                return;
+            };
+            if let Err(f) = self.call(f) {
+                self.queue.borrow_mut().push_front(f);
+                self.schedule_retry();
+                return;
             }
         }
+    }
+
+    /// Whether events wait in the queue; registers `cx` to be woken when
+    /// they are delivered.
+    fn backlog(&self, cx: &std::task::Context<'_>) -> bool {
+        if self.queue.borrow().is_empty() {
+            return false;
+        }
+        self.drained.borrow_mut().push(cx.waker().clone());
+        true
     }
 
     /// A pipe is done: tell the protocol, then see whether all is over.
@@ -286,12 +359,18 @@ struct Handle {
 impl Drop for Handle {
     fn drop(&mut self) {
         let s = &self.shared;
-        if !s.closed.get() && !s.lost.get() {
-            tracing::warn!(
-                "a SubprocessTransport of pid {} was dropped without close(); closing it",
-                s.core.pid()
-            );
+        if s.closed.get() || s.lost.get() {
+            return;
+        }
+        tracing::warn!(
+            "a SubprocessTransport of pid {} was dropped without close(); it closes once the \
+             child has exited",
+            s.core.pid()
+        );
+        if s.exited.get() {
             s.close();
+        } else {
+            s.close_on_exit.set(true);
         }
     }
 }
@@ -450,6 +529,10 @@ fn connect<P: SubprocessProtocol>(
         exit_error: RefCell::new(None),
         closed: Cell::new(false),
         lost: Cell::new(false),
+        queue: RefCell::new(VecDeque::new()),
+        retry: Cell::new(false),
+        drained: RefCell::new(Vec::new()),
+        close_on_exit: Cell::new(false),
     });
     let transport = SubprocessTransport {
         handle: Rc::new(Handle {
@@ -478,11 +561,22 @@ fn connect<P: SubprocessProtocol>(
     }
     let s2 = Rc::clone(&shared);
     lp.create_task(async move {
-        let waited = s2.core.wait().await;
+        let waited = s2.core.wait_status().await;
         s2.exited.set(true);
         match waited {
             Ok(_) => s2.invoke(Box::new(|p| p.process_exited())),
             Err(e) => *s2.exit_error.borrow_mut() = Some(e),
+        }
+        // The child's stdin is gone with it: an idle stdin pipe closes
+        // (asyncio notices the reader hanging up), so connection_lost can
+        // come without an explicit write_eof.
+        if let Some(p) = s2.pipes[0].borrow().as_ref() {
+            if p.get_write_buffer_size() == 0 {
+                p.close();
+            }
+        }
+        if s2.close_on_exit.get() {
+            s2.close();
         }
         s2.maybe_lost();
     })
@@ -525,6 +619,10 @@ async fn read_task(shared: Rc<Shared>, pipe: Rc<PipeShared>, mut reader: Reader)
                     return Poll::Pending;
                 }
             }
+            // The protocol is behind: read nothing more until it catches up.
+            if shared.backlog(cx) {
+                return Poll::Pending;
+            }
             pipe.park(cx);
             reader.poll_read(cx, &mut buf).map(Some)
         })
@@ -539,18 +637,27 @@ async fn read_task(shared: Rc<Shared>, pipe: Rc<PipeShared>, mut reader: Reader)
     shared.pipe_lost(fd, exc);
 }
 
-/// `pipe_data_received(fd, data)`: borrowed when the protocol is free,
-/// else copied for a later iteration.
+/// `pipe_data_received(fd, data)`: borrowed when the protocol is free and
+/// nothing waits before it, else copied behind the waiting events.
 fn deliver_data(shared: &Rc<Shared>, fd: i32, data: &[u8]) {
-    let proto = shared.protocol.borrow().clone();
-    let Some(proto) = proto else { return };
-    match proto.try_borrow_mut() {
-        Ok(mut p) => p.pipe_data_received(fd, data),
-        Err(_) => {
-            let owned = data.to_vec();
-            shared.invoke(Box::new(move |p| p.pipe_data_received(fd, &owned)));
+    if shared.queue.borrow().is_empty() {
+        let proto = shared.protocol.borrow().clone();
+        let Some(proto) = proto else { return };
+        if let Ok(mut p) = proto.try_borrow_mut() {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                p.pipe_data_received(fd, data)
+            }));
+            if r.is_err() {
+                tracing::error!(
+                    "pipe_data_received of pid {} panicked; the transport goes on",
+                    shared.core.pid()
+                );
+            }
+            return;
         }
     }
+    let owned = data.to_vec();
+    shared.invoke(Box::new(move |p| p.pipe_data_received(fd, &owned)));
 }
 
 /// Drains the stdin buffer into the pipe; closes it on `write_eof` or

@@ -24,10 +24,11 @@
 //! `SIG_IGN`) is reported as lost (255, with a warning), as asyncio does;
 //! with a pidfd the reap is exact even then (`P_PIDFD` names one process).
 
+use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 
 use super::status::lost;
 use super::{Pid, ReturnCode};
@@ -48,11 +49,39 @@ struct Gate {
     /// `Arc` so a poll in flight keeps the descriptor number valid until
     /// its own end, whatever the gate does.
     pidfd: Option<Arc<OwnedFd>>,
+    /// Kept open for signals after a watcher stopped watching the child
+    /// (see [`ChildHandle::pin`]); `release_pidfd` leaves it alone.
+    pinned: bool,
+}
+
+/// Every unreaped child this process has a gate for, by pid: so that
+/// `add_child_handler(pid)` on any watcher shares the gate of the
+/// `Process` that spawned `pid` instead of making a second one. An entry
+/// leaves at the reap or when its last handle is dropped.
+fn live() -> MutexGuard<'static, HashMap<Pid, Weak<Inner>>> {
+    static LIVE: OnceLock<Mutex<HashMap<Pid, Weak<Inner>>>> = OnceLock::new();
+    LIVE.get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+}
+
+/// Removes the live entry of `pid` if it is `inner`'s.
+fn unlist(pid: Pid, inner: *const Inner) {
+    let mut m = live();
+    if m.get(&pid).is_some_and(|w| std::ptr::eq(w.as_ptr(), inner)) {
+        m.remove(&pid);
+    }
 }
 
 struct Inner {
     pid: Pid,
     gate: Mutex<Gate>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        unlist(self.pid, self);
+    }
 }
 
 /// One child process: its pid, its pidfd (at most one, shared), and the
@@ -84,9 +113,44 @@ pub enum Reaped {
 }
 
 impl ChildHandle {
-    /// A handle for child `pid` of this process, not yet reaped.
-    /// `InvalidInput` for a pid that is not positive.
+    /// The gate of a child this process has just spawned with pid `pid`
+    /// (what `Command::spawn` makes). An earlier gate for the same pid,
+    /// still unreaped as far as it knows, belonged to a process that someone
+    /// else reaped (the pid was free to reuse): it records the lost status
+    /// (255). `InvalidInput` for a pid that is not positive.
     pub fn new(pid: Pid) -> io::Result<ChildHandle> {
+        let h = ChildHandle::fresh(pid)?;
+        let old = live().insert(pid, Arc::downgrade(&h.0));
+        if let Some(old) = old.and_then(|w| w.upgrade()) {
+            let old = ChildHandle(old);
+            if old.returncode().is_none() {
+                tracing::warn!(
+                    "pid {pid} was reused by a new child before the earlier child's exit was \
+                     seen (reaped by someone else?); its status is lost"
+                );
+                old.record_exit(super::status::LOST_STATUS);
+            }
+        }
+        Ok(h)
+    }
+
+    /// The gate of child `pid`: the existing one if this process has an
+    /// unreaped gate for it (so every watcher and the `Process` share one),
+    /// else a new one. What `add_child_handler(pid)` uses.
+    pub fn for_pid(pid: Pid) -> io::Result<ChildHandle> {
+        let mut m = live();
+        if let Some(inner) = m.get(&pid).and_then(Weak::upgrade) {
+            let h = ChildHandle(inner);
+            // Reaped gates leave the map at the reap; one found here is live
+            // unless its reap is being recorded right now.
+            return Ok(h);
+        }
+        let h = ChildHandle::fresh(pid)?;
+        m.insert(pid, Arc::downgrade(&h.0));
+        Ok(h)
+    }
+
+    fn fresh(pid: Pid) -> io::Result<ChildHandle> {
         if pid <= 0 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -98,6 +162,7 @@ impl ChildHandle {
             gate: Mutex::new(Gate {
                 state: State::Running,
                 pidfd: None,
+                pinned: false,
             }),
         })))
     }
@@ -155,6 +220,8 @@ impl ChildHandle {
                 match sys::waitid(Which::PidFd(fd.as_fd()), libc::WNOHANG | libc::WNOWAIT) {
                     Err(e) if sys::is_echild(&e) => {
                         g.state = State::Exited(lost(self.0.pid));
+                        drop(g);
+                        unlist(self.0.pid, Arc::as_ptr(&self.0));
                         return Ok(None);
                     }
                     Err(e) => return Err(e),
@@ -166,6 +233,8 @@ impl ChildHandle {
             }
             Err(rustix::io::Errno::SRCH) => {
                 g.state = State::Exited(lost(self.0.pid));
+                drop(g);
+                unlist(self.0.pid, Arc::as_ptr(&self.0));
                 Ok(None)
             }
             Err(e) => Err(io::Error::from(e)),
@@ -175,8 +244,29 @@ impl ChildHandle {
     /// Drops the gate's pidfd (a watcher over its descriptor budget, or
     /// done with polling); signals then go by pid, still under the gate.
     pub fn release_pidfd(&self) {
-        let fd = self.lock().pidfd.take();
+        let fd = {
+            let mut g = self.lock();
+            if g.pinned { None } else { g.pidfd.take() }
+        };
         drop(fd);
+    }
+
+    /// Called when a watcher drops a `Process`'s callback uncalled (it
+    /// stopped watching: `remove_child_handler`, `close`): opens its pidfd now, while
+    /// the pid still surely names it, and keeps it, so that a later
+    /// `Process::send_signal` is exact even if foreign code reaps the child
+    /// and the pid is reused. Without a descriptor to be had (`EMFILE`), such
+    /// a signal is refused instead.
+    pub(crate) fn pin(&self) {
+        match self.open_pidfd() {
+            Ok(Some(_)) => self.lock().pinned = true,
+            Ok(None) => {}
+            Err(e) => tracing::debug!(
+                "cannot pin pid {} with a pidfd ({e}); its signals will be refused once \
+                 unwatched",
+                self.pid()
+            ),
+        }
     }
 
     /// The non-blocking reap: `waitid(P_PIDFD or P_PID, WEXITED | WNOHANG)`
@@ -206,6 +296,8 @@ impl ChildHandle {
         };
         g.state = State::Exited(rc);
         g.pidfd = None;
+        drop(g);
+        unlist(self.0.pid, Arc::as_ptr(&self.0));
         Ok(Reaped::Now(rc))
     }
 
@@ -249,6 +341,8 @@ impl ChildHandle {
         }
         g.state = State::Exited(rc);
         g.pidfd = None;
+        drop(g);
+        unlist(self.0.pid, Arc::as_ptr(&self.0));
         Reaped::Now(rc)
     }
 

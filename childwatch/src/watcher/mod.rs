@@ -105,6 +105,14 @@ pub trait ChildWatcher: Send + Sync {
     fn exit(&self) {}
 }
 
+/// Reaps `child` in the background through its gate, delivering to nobody:
+/// for a child whose watcher stopped watching it and whose last holder is
+/// gone (the orphan queue). Uses the shared overflow poller.
+#[cfg(unix)]
+pub(crate) fn reap_orphan(child: &ChildHandle) {
+    threaded::overflow_watch(child.clone(), Box::new(|_, _| {}));
+}
+
 /// A watcher that refuses every registration: what the policy hands out
 /// only if no real watcher could be created.
 #[derive(Debug, Default)]

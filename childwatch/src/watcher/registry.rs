@@ -260,7 +260,9 @@ impl Registry {
                 return Ok((Added::Replaced, old));
             }
             (None, Some(new)) => new.clone(),
-            (None, None) => ChildHandle::new(pid)?,
+            // The user's pid: share the gate of the `Process` (or other
+            // watcher) that has one for it.
+            (None, None) => ChildHandle::for_pid(pid)?,
         };
         let early = st.early.remove(&pid);
         let mut handler = Some(handler);
