@@ -349,9 +349,11 @@ impl Shared {
     }
 }
 
-/// The user-visible handle; when the last clone goes away without
+/// The user-visible handle. When the last clone goes away without
 /// [`close`](SubprocessTransport::close) while the connection is live, it
-/// warns and closes (asyncio warns with a `ResourceWarning`).
+/// warns and closes once the child has exited: a running child is not
+/// killed by a dropped handle, as asyncio's transport, kept alive by its
+/// child watcher, is not collected while its child runs.
 struct Handle {
     shared: Rc<Shared>,
 }
@@ -377,7 +379,8 @@ impl Drop for Handle {
 
 /// asyncio's `SubprocessTransport`: controls a child started by
 /// [`EventLoop::subprocess_exec`]. `!Send`; a cheap clone of the same
-/// transport.
+/// transport. Dropping every clone without `close()` logs a warning and
+/// closes the transport once the child exits (it is not killed).
 #[derive(Clone)]
 pub struct SubprocessTransport {
     handle: Rc<Handle>,
