@@ -182,12 +182,23 @@ impl Watcher {
     /// A host driver for this watcher: an object whose `fileno()` a host
     /// loop watches (`loop.add_reader`), whose `harvest()` reaps and
     /// delivers without blocking on the calling thread, and whose
-    /// `add(pid, deliver)` puts a child's wait on the ring it harvests.
-    /// `None` while the library has no such API (see the crate's README):
-    /// exits are then harvested by the watcher's own reaper thread (Uring)
-    /// or waiter threads (Threaded), and `deliver` hops to the loop.
-    fn host_driver(&self) -> Option<Py<PyAny>> {
-        None
+    /// `add(pid, deliver)` registers a child whose wait that harvest
+    /// completes. Uring only (`UringChildWatcher::host_driver`); `None` for
+    /// Threaded, whose waiter threads deliver through `deliver`.
+    fn host_driver(&self, py: Python<'_>) -> PyResult<Option<HostDriver>> {
+        let Some(native) = self.get() else {
+            return Err(self.closed_error());
+        };
+        #[cfg(target_os = "linux")]
+        if let Native::Uring(w) = &*native {
+            let driver = py.detach(|| w.host_driver())?;
+            return Ok(Some(HostDriver {
+                native: Arc::clone(&native),
+                driver: Mutex::new(Some(driver)),
+            }));
+        }
+        let _ = py;
+        Ok(None)
     }
 
     /// Counters, for tests and the benchmark: `fd_budget`, `pidfds_held`,
@@ -238,10 +249,74 @@ fn uring_supported(py: Python<'_>) -> bool {
     }
 }
 
+/// A Uring watcher's host driver, seen from Python (see
+/// [`Watcher::host_driver`]): one per asyncio loop, harvested from that
+/// loop's thread with `loop.add_reader(driver.fileno(), driver.harvest)`.
+#[pyclass(frozen, module = "childwatch._native")]
+struct HostDriver {
+    native: Arc<Native>,
+    #[cfg(target_os = "linux")]
+    driver: Mutex<Option<childwatch::HostDriver>>,
+}
+
+impl HostDriver {
+    #[cfg(target_os = "linux")]
+    fn slot(&self) -> MutexGuard<'_, Option<childwatch::HostDriver>> {
+        self.driver.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[pymethods]
+impl HostDriver {
+    /// The descriptor to watch: readable while completions wait.
+    fn fileno(&self) -> PyResult<i32> {
+        #[cfg(target_os = "linux")]
+        if let Some(d) = self.slot().as_ref() {
+            use std::os::fd::AsRawFd;
+            return Ok(d.as_raw_fd());
+        }
+        Err(PyRuntimeError::new_err("this host driver is closed"))
+    }
+
+    /// Reaps and delivers what completed; never blocks. The callbacks run
+    /// on this thread (they take the GIL themselves).
+    fn harvest(&self, py: Python<'_>) {
+        #[cfg(target_os = "linux")]
+        py.detach(|| {
+            if let Some(d) = self.slot().as_ref() {
+                d.harvest();
+            }
+        });
+    }
+
+    /// Registers `pid` with the watcher; its wait is harvested by this
+    /// driver while it lives.
+    fn add(&self, py: Python<'_>, pid: Pid, deliver_cb: Py<PyAny>) -> PyResult<()> {
+        let native = Arc::clone(&self.native);
+        py.detach(move || {
+            native
+                .watcher()
+                .add_child_handler(pid, Box::new(move |pid, rc| deliver(deliver_cb, pid, rc)))
+        })?;
+        Ok(())
+    }
+
+    /// Lets go of the driver: pending children go to the watcher's reaper
+    /// thread. Idempotent.
+    fn close(&self, py: Python<'_>) {
+        #[cfg(target_os = "linux")]
+        {
+            let d = self.slot().take();
+            py.detach(move || drop(d));
+        }
+    }
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     log::install();
     m.add_class::<Watcher>()?;
+    m.add_class::<HostDriver>()?;
     m.add_function(wrap_pyfunction!(uring_supported, m)?)?;
     m.add_function(wrap_pyfunction!(log::_emit_log, m)?)?;
     Ok(())

@@ -47,8 +47,6 @@ pub use subprocess::{
     ChildStderr, ChildStdin, ChildStdout, Command, PipeTransport, Process, Stdio,
     SubprocessProtocol, SubprocessTransport, create_subprocess_exec, create_subprocess_shell,
 };
-#[cfg(target_os = "linux")]
-pub use watcher::UringChildWatcher;
 #[cfg(windows)]
 pub use watcher::WindowsChildWatcher;
 pub use watcher::{ChildCallback, ChildWatcher, Pid, ReturnCode};
@@ -57,3 +55,5 @@ pub use watcher::{
     ChildHandle, FastChildWatcher, MultiLoopChildWatcher, PidfdChildWatcher, Reaped,
     SafeChildWatcher, ThreadedChildWatcher,
 };
+#[cfg(target_os = "linux")]
+pub use watcher::{HostDriver, UringChildWatcher};

@@ -1546,3 +1546,79 @@ fn no_thread_and_the_loop_closed_loses_no_status() {
         w.close();
     }
 }
+
+// ---------------------------------------------------------------- host driver
+
+/// A host loop (here: this thread polling the driver's descriptor) harvests
+/// the watcher's own ring: every status exact, delivered on this thread,
+/// and no reaper thread started. Dropping the driver with children pending
+/// hands them to the reaper thread.
+#[test]
+fn a_host_driver_harvests_without_a_reaper_thread() {
+    use std::os::fd::AsRawFd;
+    let _g = exclusive();
+    for budget in [None, Some(0)] {
+        let w = UringChildWatcher::new().unwrap();
+        if let Some(b) = budget {
+            w.set_fd_budget(b);
+        }
+        let driver = w.host_driver().unwrap();
+        let me = thread::current().id();
+        let got: Arc<Mutex<HashMap<Pid, (ReturnCode, ThreadId)>>> = Arc::default();
+        let mut want = HashMap::new();
+        for code in [0, 3, 7, 42] {
+            let pid = Command::new("/bin/sh")
+                .args(["-c", &format!("sleep 0.05; exit {code}")])
+                .spawn()
+                .unwrap()
+                .id() as Pid;
+            want.insert(pid, code);
+            let g = Arc::clone(&got);
+            w.add_child_handler(
+                pid,
+                Box::new(move |pid, rc| {
+                    g.lock().unwrap().insert(pid, (rc, thread::current().id()));
+                }),
+            )
+            .unwrap();
+        }
+        assert!(
+            !thread_names().iter().any(|n| n.contains("reaper")),
+            "no reaper thread while a host driver harvests: {:?}",
+            thread_names()
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while got.lock().unwrap().len() < want.len() && Instant::now() < deadline {
+            let mut pfd = libc::pollfd {
+                fd: driver.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd for the duration of the call.
+            unsafe { libc::poll(&mut pfd, 1, 100) };
+            driver.harvest();
+        }
+        let got = got.lock().unwrap();
+        for (pid, code) in &want {
+            assert_eq!(
+                got.get(pid),
+                Some(&(*code, me)),
+                "pid {pid} (budget {budget:?})"
+            );
+        }
+        assert!(!thread_names().iter().any(|n| n.contains("reaper")));
+        drop(got);
+        // A pending child when the driver goes: the reaper takes over.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let pid = Command::new("/bin/sh")
+            .args(["-c", "sleep 0.2; exit 9"])
+            .spawn()
+            .unwrap()
+            .id() as Pid;
+        w.add_child_handler(pid, Box::new(move |_, rc| tx.send(rc).unwrap()))
+            .unwrap();
+        drop(driver);
+        assert_eq!(rx.recv_timeout(Duration::from_secs(30)).ok(), Some(9));
+        w.close();
+    }
+}

@@ -16,13 +16,13 @@ Every watcher still open is closed at interpreter exit, and in a forked
 child every watcher inherited from the parent is disabled (its threads do
 not exist there; its ring and descriptors are the parent's).
 
-How exits are harvested today: the Uring watcher keeps its own io_uring and
-one reaper thread, started lazily and only while children are pending; the
-Threaded watcher keeps one small Rust thread per child. The binding
-also declares a *host driver* (``Watcher.host_driver()``): once the library
-provides one, the Uring watcher registers its descriptor with
-``loop.add_reader`` on the loop running at registration and reaps and
-delivers there, with no thread at all (see ``_HostHarvest``).
+How exits are harvested: on an asyncio loop the Uring watcher uses the
+library's *host driver* (``UringChildWatcher::host_driver``): its ring's
+descriptor is registered with ``loop.add_reader`` on the loop running at
+registration, and reaping and delivery happen there, with no thread at all
+(see ``_HostHarvest``). With no loop running it falls back to its own
+reaper thread, started lazily and only while children are pending. The
+Threaded watcher keeps one small Rust thread per child.
 """
 
 import asyncio
@@ -134,31 +134,48 @@ class _HostHarvest:
     closed with the watcher, or dropped with the loop (the driver then hands
     its pending children to the watcher's reaper thread).
 
-    The library has no host driver yet (``host_driver()`` returns ``None``):
-    until it does, the watcher's own reaper thread harvests and this class
-    is not used.
+    Only the Uring watcher has a host driver; for Threaded
+    (``host_driver()`` returns ``None``) its waiter threads deliver and this
+    class is not used.
     """
 
     def __init__(self, driver, loop):
         self.driver = driver
-        self.loop = loop
+        # Weak: the watcher's WeakKeyDictionary of harvests is keyed by loop.
+        self._loop = weakref.ref(loop)
         self.fd = driver.fileno()
+        # Hand the driver back before the loop closes: its pending children
+        # then go to the watcher's reaper thread (asyncio has no close hook,
+        # so the loop's close is wrapped on this instance).
+        original_close = loop.close
+
+        def close():
+            self.close()
+            original_close()
+
+        loop.close = close
         loop.add_reader(self.fd, self._ready)
 
     def _ready(self):
         try:
             self.driver.harvest()
         except Exception as exc:  # the watcher closed meanwhile, or a bug
-            self.loop.call_exception_handler(
-                {"message": "childwatch harvest failed", "exception": exc}
-            )
+            loop = self._loop()
+            if loop is not None:
+                loop.call_exception_handler(
+                    {"message": "childwatch harvest failed", "exception": exc}
+                )
 
     def add(self, pid, deliver):
         self.driver.add(pid, deliver)
 
     def close(self):
-        if not self.loop.is_closed():
-            self.loop.remove_reader(self.fd)
+        loop = self._loop()
+        if loop is not None and not loop.is_closed():
+            try:
+                loop.remove_reader(self.fd)
+            except RuntimeError:  # closed on another thread meanwhile
+                pass
         self.driver.close()
 
 
@@ -241,7 +258,15 @@ class _RustChildWatcher(_Base):
         except KeyError:
             pass
         driver = self._native.host_driver()
-        host = None if driver is None else _HostHarvest(driver, loop)
+        host = None
+        if driver is not None and not loop.is_closed():
+            try:
+                host = _HostHarvest(driver, loop)
+            except (AttributeError, NotImplementedError, RuntimeError):
+                # A loop whose close cannot be wrapped, or without
+                # add_reader: the reaper thread harvests instead.
+                driver.close()
+                host = None
         self._harvests[loop] = host
         return host
 

@@ -58,7 +58,7 @@ pub use safe::SafeChildWatcher;
 #[cfg(unix)]
 pub use threaded::ThreadedChildWatcher;
 #[cfg(target_os = "linux")]
-pub use uring::UringChildWatcher;
+pub use uring::{HostDriver, UringChildWatcher};
 #[cfg(windows)]
 pub use windows::WindowsChildWatcher;
 

@@ -47,6 +47,7 @@
 //! When to choose it: the default on Linux 6.7+.
 
 mod harvester;
+mod host;
 mod loop_ring;
 mod machine;
 mod own_ring;
@@ -68,6 +69,7 @@ use super::threaded::adopt_overflow;
 use super::threaded::sweep_overflow;
 use super::{ChildCallback, ChildWatcher, Pid};
 use crate::event_loop::{EventLoop, get_running_loop};
+pub use host::HostDriver;
 use shared::{Counted, How, Inner, Pidfd, Reap, Start, State, Watch, forget_locked};
 
 /// Watches children with io_uring: `IORING_OP_POLL_ADD` on each child's

@@ -70,6 +70,8 @@ pub(super) struct Core {
     pub(super) harvesters: Vec<(LoopHandle, Arc<Token>)>,
     /// A reaper thread is running.
     reaper: bool,
+    /// Host drivers alive: a host loop harvests, so no reaper is needed.
+    pub(super) hosts: usize,
     threads: Vec<JoinHandle<()>>,
     pub(super) closing: bool,
 }
@@ -103,6 +105,7 @@ impl OwnRing {
                 backlog: VecDeque::new(),
                 harvesters: Vec::new(),
                 reaper: false,
+                hosts: 0,
                 threads: Vec::new(),
                 closing: false,
             }),
@@ -213,8 +216,28 @@ impl Core {
     }
 
     pub(super) fn unharvested(&self) -> bool {
-        !self.ops.is_empty() && self.harvesters.is_empty() && !self.reaper && !self.closing
+        !self.ops.is_empty()
+            && self.harvesters.is_empty()
+            && self.hosts == 0
+            && !self.reaper
+            && !self.closing
     }
+}
+
+/// The watcher's own ring, created on first need.
+pub(super) fn get_or_create(inner: &Arc<Inner>) -> io::Result<Arc<OwnRing>> {
+    let mut st = inner.state();
+    if inner.is_closed() {
+        return Err(Inner::closed_error());
+    }
+    Ok(match &st.own {
+        Some(r) => Arc::clone(r),
+        None => {
+            let r = Arc::new(OwnRing::new()?);
+            st.own = Some(Arc::clone(&r));
+            r
+        }
+    })
 }
 
 /// Watches `child` on the watcher's own ring, harvested by a task on the
@@ -226,20 +249,7 @@ pub(super) fn watch(
     pidfd: Option<Pidfd>,
     lp: Option<&EventLoop>,
 ) -> io::Result<()> {
-    let ring = {
-        let mut st = inner.state();
-        if inner.is_closed() {
-            return Err(Inner::closed_error());
-        }
-        match &st.own {
-            Some(r) => Arc::clone(r),
-            None => {
-                let r = Arc::new(OwnRing::new()?);
-                st.own = Some(Arc::clone(&r));
-                r
-            }
-        }
-    };
+    let ring = get_or_create(inner)?;
     let id = inner.next_id();
     let mut st = inner.state();
     if inner.is_closed() {
@@ -264,7 +274,8 @@ pub(super) fn watch(
         Some(lp) => harvester::start(inner, &ring, &mut core, lp),
         None => Err(io::Error::other("no loop")),
     };
-    if harvested.is_err() {
+    // A host driver harvests this ring: no reaper thread needed.
+    if harvested.is_err() && core.hosts == 0 {
         if let Err(e) = ensure_reaper(inner, &ring, &mut core) {
             core.cancel(id);
             core.flush();
