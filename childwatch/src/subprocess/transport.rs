@@ -249,7 +249,7 @@ impl Shared {
     }
 
     /// Delivers `f` now if the protocol is free; gives it back if busy.
-    fn call(self: &Rc<Self>, f: Event) -> Result<(), Event> {
+    fn call<F: FnOnce(&mut dyn SubprocessProtocol)>(&self, f: F) -> Result<(), F> {
         let proto = self.protocol.borrow().clone();
         let Some(proto) = proto else { return Ok(()) };
         let Ok(mut p) = proto.try_borrow_mut() else {
@@ -643,21 +643,8 @@ async fn read_task(shared: Rc<Shared>, pipe: Rc<PipeShared>, mut reader: Reader)
 /// `pipe_data_received(fd, data)`: borrowed when the protocol is free and
 /// nothing waits before it, else copied behind the waiting events.
 fn deliver_data(shared: &Rc<Shared>, fd: i32, data: &[u8]) {
-    if shared.queue.borrow().is_empty() {
-        let proto = shared.protocol.borrow().clone();
-        let Some(proto) = proto else { return };
-        if let Ok(mut p) = proto.try_borrow_mut() {
-            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                p.pipe_data_received(fd, data)
-            }));
-            if r.is_err() {
-                tracing::error!(
-                    "pipe_data_received of pid {} panicked; the transport goes on",
-                    shared.core.pid()
-                );
-            }
-            return;
-        }
+    if shared.queue.borrow().is_empty() && shared.call(|p| p.pipe_data_received(fd, data)).is_ok() {
+        return;
     }
     let owned = data.to_vec();
     shared.invoke(Box::new(move |p| p.pipe_data_received(fd, &owned)));

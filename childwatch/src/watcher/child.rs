@@ -27,7 +27,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 
 use super::status::lost;
@@ -331,19 +331,19 @@ impl ChildHandle {
         }
     }
 
-    /// Records an exit that was reaped outside the gate by code that owns
-    /// this child (Fast's `waitpid(-1)` before the child was registered).
-    /// `Reaped::Before` if a status was recorded already.
-    pub(crate) fn record_exit(&self, rc: ReturnCode) -> Reaped {
+    /// Records an exit that was learnt outside the gate (Fast's reap of a
+    /// child not yet registered; a pid known reused: 255) and returns the
+    /// status the gate now holds: `rc`, or the one recorded earlier.
+    pub(crate) fn record_exit(&self, rc: ReturnCode) -> ReturnCode {
         let mut g = self.lock();
         if let State::Exited(old) = g.state {
-            return Reaped::Before(old);
+            return old;
         }
         g.state = State::Exited(rc);
         g.pidfd = None;
         drop(g);
         unlist(self.0.pid, Arc::as_ptr(&self.0));
-        Reaped::Now(rc)
+        rc
     }
 
     /// Sends `sig` to the child, decided under the gate: a no-op (`Ok`)
@@ -362,13 +362,6 @@ impl ChildHandle {
         }
         let fd = g.pidfd.as_ref().map(|f| f.as_fd());
         sys::send_signal(self.0.pid, fd, sig)
-    }
-
-    /// Runs `f` with the pidfd under the gate (for code that must use the
-    /// descriptor while the child is known unreaped).
-    pub fn with_pidfd<R>(&self, f: impl FnOnce(Option<BorrowedFd<'_>>) -> R) -> R {
-        let g = self.lock();
-        f(g.pidfd.as_ref().map(|fd| fd.as_fd()))
     }
 }
 

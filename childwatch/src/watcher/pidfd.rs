@@ -136,12 +136,7 @@ impl Inner {
     fn to_thread(self: &Arc<Self>, child: &ChildHandle) {
         {
             let mut st = self.lock();
-            if st.closed
-                || self
-                    .registry
-                    .child(child.pid())
-                    .is_none_or(|c| !c.same(child))
-            {
+            if st.closed || !self.registry.holds(child) {
                 return;
             }
             st.watches.insert(

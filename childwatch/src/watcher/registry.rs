@@ -19,8 +19,6 @@ use std::sync::{Mutex, MutexGuard};
 
 #[cfg(unix)]
 use super::child::{ChildHandle, Reaped};
-#[cfg(unix)]
-use super::status::lost;
 use super::{ChildCallback, Pid, ReturnCode};
 use crate::event_loop::{LoopHandle, get_running_loop};
 
@@ -273,23 +271,13 @@ impl Registry {
             }
         }
         drop(st);
+        // ChildHandle::new recorded (and warned about) the stale gate's lost
+        // status already; its registration gets it now.
         if let Some((old, h)) = stale {
-            tracing::warn!(
-                "pid {pid} was reused by a new child before its earlier child's exit was \
-                 seen (reaped by someone else?); reporting returncode 255 for the earlier one"
-            );
-            let rc = match old.record_exit(super::status::LOST_STATUS) {
-                Reaped::Before(rc) | Reaped::Now(rc) => rc,
-                Reaped::Running => super::status::LOST_STATUS,
-            };
-            h.deliver(pid, rc);
+            h.deliver(pid, old.record_exit(super::status::LOST_STATUS));
         }
         if let (Some(rc), Some(h)) = (early, handler) {
-            let rc = match handle.record_exit(rc) {
-                Reaped::Before(rc) | Reaped::Now(rc) => rc,
-                Reaped::Running => rc,
-            };
-            h.deliver(pid, rc);
+            h.deliver(pid, handle.record_exit(rc));
             return Ok((Added::Delivered, handle));
         }
         Ok((Added::New, handle))
@@ -320,17 +308,14 @@ impl Registry {
         Ok(r)
     }
 
-    /// Records the lost status (255, with a warning) for `child` if it has
-    /// none yet, and delivers whatever status it has to its registration:
-    /// the last resort when nothing can watch a child any more.
+    /// Whether `child` (that very process, not merely its pid) is the one
+    /// registered for its pid.
     #[cfg(unix)]
-    #[allow(dead_code)] // the Uring watcher's last resort, wired up in its rebuild
-    pub(crate) fn give_up(&self, child: &ChildHandle) {
-        let rc = match child.record_exit(lost(child.pid())) {
-            Reaped::Before(rc) | Reaped::Now(rc) => rc,
-            Reaped::Running => return,
-        };
-        self.deliver_to(child, rc);
+    pub(crate) fn holds(&self, child: &ChildHandle) -> bool {
+        self.lock()
+            .children
+            .get(&child.pid())
+            .is_some_and(|c| c.same(child))
     }
 
     /// Delivers `rc` to the handler of `child` if that exact child is still
@@ -453,17 +438,6 @@ mod tests {
         assert!(r.deliver_to(&new, 3));
         assert!(!r.deliver_to(&new, 3), "delivered once");
         assert_eq!(log.lock().unwrap()[1], (50, 3, "new"));
-    }
-
-    #[test]
-    #[cfg(unix)]
-    fn give_up_reports_lost_once() {
-        let (log, cb) = recorder();
-        let r = Registry::default();
-        let (_, c) = r.add_child(60, None, cb("x"), Target::AnyThread).unwrap();
-        r.give_up(&c);
-        r.give_up(&c);
-        assert_eq!(*log.lock().unwrap(), vec![(60, 255, "x")]);
     }
 
     #[test]

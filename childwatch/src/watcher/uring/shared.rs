@@ -173,12 +173,7 @@ impl Inner {
     pub(super) fn to_thread(self: &Arc<Self>, child: &ChildHandle) {
         {
             let mut st = self.state();
-            if self.is_closed()
-                || self
-                    .registry
-                    .child(child.pid())
-                    .is_none_or(|c| !c.same(child))
-            {
+            if self.is_closed() || !self.registry.holds(child) {
                 return;
             }
             st.watches.insert(
@@ -205,12 +200,7 @@ impl Inner {
     /// keeps failing): the watcher's own ring, else a waiter thread.
     pub(super) fn hand_over(self: &Arc<Self>, child: &ChildHandle, pidfd: Option<Pidfd>) {
         self.forget(child);
-        if self.is_closed()
-            || self
-                .registry
-                .child(child.pid())
-                .is_none_or(|c| !c.same(child))
-        {
+        if self.is_closed() || !self.registry.holds(child) {
             return;
         }
         // Dead already (its loop did not run to see it): reap it here, so
