@@ -2,53 +2,14 @@
 //! ordering, timeouts, the joblog, Ctrl-C, every bad input, and `bench`.
 #![cfg(target_os = "linux")]
 
-use std::io::Write;
+mod common;
+
+use common::{bin, run, run_stdin, text};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_childwatch"));
-    c.env_remove("CHILDWATCH_DISABLE");
-    c
-}
-
-fn run(args: &[&str]) -> Output {
-    bin()
-        .arg("run")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("start childwatch")
-}
-
-fn run_stdin(args: &[&str], input: &str) -> Output {
-    let mut child = bin()
-        .arg("run")
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start childwatch");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
 fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("childwatch-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::tmpdir("cli", name)
 }
 
 /// A one-line error of ours: non-zero status, exactly one line on stderr,
@@ -477,7 +438,7 @@ fn bad_input_watcher_the_kernel_lacks() {
 #[test]
 fn bad_input_empty_job_list() {
     assert_one_line_error(&run(&["--", "true", ":::"]), 255, "no jobs");
-    assert_one_line_error(&run_stdin(&[], ""), 255, "no jobs");
+    assert_one_line_error(&run_stdin::<&str>(&[], ""), 255, "no jobs");
     assert_one_line_error(&run_stdin(&["--", "echo"], "\n\n"), 255, "no jobs");
 }
 

@@ -5,61 +5,17 @@
 //! binary on real child processes.
 #![cfg(target_os = "linux")]
 
+mod common;
+
+use common::{bin, ok, run, run_stdin, text};
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_childwatch"));
-    c.env_remove("CHILDWATCH_DISABLE");
-    c
-}
-
-fn run<S: AsRef<OsStr>>(args: &[S]) -> Output {
-    bin()
-        .arg("run")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("start childwatch")
-}
-
-fn run_stdin<S: AsRef<OsStr>>(args: &[S], input: &[u8]) -> Output {
-    let mut child = bin()
-        .arg("run")
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start childwatch");
-    let mut stdin = child.stdin.take().unwrap();
-    let input = input.to_vec();
-    let w = std::thread::spawn(move || {
-        let _ = stdin.write_all(&input);
-    });
-    let o = child.wait_with_output().unwrap();
-    w.join().unwrap();
-    o
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
 fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("childwatch-in-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn ok(o: &Output) -> String {
-    assert_eq!(o.status.code(), Some(0), "stderr: {}", text(&o.stderr));
-    text(&o.stdout)
+    common::tmpdir("in", name)
 }
 
 fn sorted_lines(s: &str) -> Vec<String> {

@@ -6,53 +6,13 @@
 //! --eta, PARALLEL_SEQ and PARALLEL_JOBSLOT, and the joblog's Receive.
 #![cfg(target_os = "linux")]
 
-use std::io::Write;
+mod common;
+
+use common::{ok, run, run_stdin, text};
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_childwatch"));
-    c.env_remove("CHILDWATCH_DISABLE");
-    c
-}
-
-fn run(args: &[&str]) -> Output {
-    bin()
-        .arg("run")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("start childwatch")
-}
-
-fn run_stdin(args: &[&str], input: &[u8]) -> Output {
-    let mut child = bin()
-        .arg("run")
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start childwatch");
-    child.stdin.take().unwrap().write_all(input).unwrap();
-    child.wait_with_output().unwrap()
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn ok(o: &Output) -> String {
-    assert_eq!(o.status.code(), Some(0), "stderr: {}", text(&o.stderr));
-    text(&o.stdout)
-}
-
 fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("childwatch-opt-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::tmpdir("opt", name)
 }
 
 fn seq(n: usize) -> Vec<u8> {
@@ -70,16 +30,16 @@ fn null_separated_input() {
 
 #[test]
 fn several_arguments_per_command() {
-    let o = run_stdin(&["-k", "-n", "2", "echo"], &seq(5));
+    let o = run_stdin(&["-k", "-n", "2", "echo"], seq(5));
     assert_eq!(ok(&o), "1 2\n3 4\n5\n");
-    let o = run_stdin(&["-k", "-L", "2", "echo"], &seq(5));
+    let o = run_stdin(&["-k", "-L", "2", "echo"], seq(5));
     assert_eq!(ok(&o), "1 2\n3 4\n5\n");
-    let o = run_stdin(&["-k", "-n", "2", "echo", "{2}-{1}"], &seq(4));
+    let o = run_stdin(&["-k", "-n", "2", "echo", "{2}-{1}"], seq(4));
     assert_eq!(ok(&o), "2-1\n4-3\n");
     // -X repeats the word around {} for each argument ("context").
-    let o = run_stdin(&["-k", "-X", "echo", "x{}y"], &seq(5));
+    let o = run_stdin(&["-k", "-X", "echo", "x{}y"], seq(5));
     assert_eq!(ok(&o), "x1y x2y x3y x4y x5y\n");
-    let o = run_stdin(&["-k", "-X", "-n", "2", "echo", "x{}y"], &seq(3));
+    let o = run_stdin(&["-k", "-X", "-n", "2", "echo", "x{}y"], seq(3));
     assert_eq!(ok(&o), "x1y x2y\nx3y\n");
     // -X fills commands up to a size limit, not one per argument.
     let many: Vec<u8> = (0..20_000)
@@ -517,7 +477,7 @@ fn joblog_receive_is_stdout_bytes() {
 #[test]
 fn pipe_feeds_blocks_to_stdin() {
     // GNU parallel: seq 10 | parallel --pipe --block 6 -k wc -l
-    let o = run_stdin(&["--pipe", "--block", "6", "-k", "wc", "-l"], &seq(10));
+    let o = run_stdin(&["--pipe", "--block", "6", "-k", "wc", "-l"], seq(10));
     assert_eq!(ok(&o), "3\n3\n3\n1\n");
     // {#} counts blocks; a job that does not read its block does not hang
     // the run. GNU parallel: seq 4 | parallel --pipe --block 3 -k 'echo {#}'
@@ -525,7 +485,7 @@ fn pipe_feeds_blocks_to_stdin() {
         &[
             "--pipe", "--block", "3", "-k", "-j", "2", "sh", "-c", "echo {#}",
         ],
-        &seq(4),
+        seq(4),
     );
     assert_eq!(ok(&o), "1\n2\n3\n4\n");
     let big: Vec<u8> = (0..200_000)
@@ -553,7 +513,7 @@ fn pipe_feeds_blocks_to_stdin() {
             "wc",
             "-l",
         ],
-        &seq(10),
+        seq(10),
     );
     ok(&o);
     let mut rows = joblog_rows(&log);
