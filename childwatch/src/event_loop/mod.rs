@@ -38,6 +38,8 @@ mod notify;
 mod op_state;
 #[cfg(target_os = "linux")]
 pub(crate) mod proactor;
+#[cfg(target_os = "linux")]
+pub(crate) mod ring;
 #[cfg(any(unix, windows))]
 pub(crate) mod selector;
 mod signals;

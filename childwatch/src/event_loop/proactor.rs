@@ -8,14 +8,16 @@
 //!
 //! # Operations and memory safety
 //!
-//! [`Proactor::submit`] hands the kernel an SQE together with the resources it
-//! points into (a buffer, a `siginfo_t`, ...). Those resources move into the
-//! ring's operation table and stay there until the kernel posts the
-//! operation's completion — *not* until its future is dropped. Dropping an
-//! [`Op`] before it completes only marks it abandoned and asks the kernel to
-//! cancel it; the buffer is freed when the cancelled operation's CQE arrives.
-//! If the ring is torn down with operations the kernel never finished, their
-//! resources are leaked rather than freed under the kernel's feet.
+//! Every entry is built and pushed by the ring core (`ring/`), and this file
+//! holds no `unsafe`. [`Proactor::submit`] hands the core an operation that
+//! owns what the kernel points into (a buffer, a `siginfo_t`, ...). It moves
+//! into the core's operation table and stays there until the kernel posts
+//! the operation's completion — *not* until its future is dropped. Dropping
+//! an [`Op`] before it completes only marks it abandoned and asks the kernel
+//! to cancel it; the buffer is freed when the cancelled operation's CQE
+//! arrives. If the ring is torn down with operations the kernel never
+//! finished, their resources are leaked rather than freed under the
+//! kernel's feet.
 //!
 //! # Wake-ups
 //!
@@ -23,43 +25,37 @@
 //! after each wake-up, so `call_soon_threadsafe`, cross-thread wakers and
 //! signal handlers can interrupt `io_uring_enter`.
 
-use std::any::Any;
 use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::io;
-use std::marker::PhantomData;
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use io_uring::{IoUring, opcode, squeue, types};
-use slab::Slab;
-
 use super::notify::Notifier;
 use super::op_state::{OnCompletion, OnDrop, OpState};
+use super::ring::{FIRST_TAG, OpRing, Plain, Read, RingOp, Ticket, Wait, Write};
 
 /// `user_data` of the wake-up poll on the notifier eventfd.
 const WAKE_TAG: u64 = u64::MAX;
 /// `user_data` of cancellation requests, whose own completions are ignored.
 const CANCEL_TAG: u64 = u64::MAX - 1;
+const _: () = assert!(CANCEL_TAG >= FIRST_TAG);
 /// Submission queue entries; the completion queue gets four times as many,
 /// and the kernel buffers overflow beyond that (IORING_FEAT_NODROP).
 const SQ_ENTRIES: u32 = 1024;
 /// How long teardown waits for cancelled operations to complete before it
-/// leaks their resources instead of freeing them.
+/// leaves their resources to the ring core (which leaks them).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
-/// `Done` holds the CQE's result: >= 0, or a negative errno.
-struct OpSlot {
-    state: OpState<i32>,
-    resources: Option<Box<dyn Any>>,
-}
+/// Each operation's state: `Done` holds the CQE's result (>= 0, or a
+/// negative errno). Its resources are held by the ring core.
+type State = OpState<i32>;
 
 struct Inner {
-    ring: RefCell<IoUring>,
-    ops: RefCell<Slab<OpSlot>>,
+    ring: RefCell<OpRing<State>>,
     wake_armed: Cell<bool>,
     cqes: RefCell<Vec<(u64, i32)>>,
     shut_down: Cell<bool>,
@@ -74,7 +70,7 @@ pub(crate) struct Proactor {
 impl std::fmt::Debug for Proactor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Proactor")
-            .field("in_flight", &self.inner.ops.borrow().len())
+            .field("in_flight", &self.in_flight())
             .finish()
     }
 }
@@ -99,14 +95,10 @@ fn unsupported(e: io::Error) -> io::Error {
 impl Proactor {
     /// Sets up a ring. `Unsupported` when the kernel has no io_uring.
     pub(crate) fn new() -> io::Result<Proactor> {
-        let ring = IoUring::builder()
-            .setup_cqsize(SQ_ENTRIES * 4)
-            .build(SQ_ENTRIES)
-            .map_err(unsupported)?;
+        let ring = OpRing::new(SQ_ENTRIES, SQ_ENTRIES * 4).map_err(unsupported)?;
         Ok(Proactor {
             inner: Rc::new(Inner {
                 ring: RefCell::new(ring),
-                ops: RefCell::new(Slab::with_capacity(64)),
                 wake_armed: Cell::new(false),
                 cqes: RefCell::new(Vec::with_capacity(256)),
                 shut_down: Cell::new(false),
@@ -114,118 +106,79 @@ impl Proactor {
         })
     }
 
-    /// Queues an operation; it reaches the kernel at the loop's next
-    /// iteration (or at once if the submission queue is full).
-    ///
-    /// # Safety
-    ///
-    /// Every pointer in `entry` must point into heap memory owned by
-    /// `resources` (which does not move when `resources` itself moves) or into
-    /// memory that outlives the operation, and every descriptor it names must
-    /// stay open until the operation completes or is cancelled.
-    pub(crate) unsafe fn submit<R: 'static>(&self, entry: squeue::Entry, resources: R) -> Op<R> {
+    /// A fresh operation's state, and whether it goes to the kernel: after
+    /// shutdown it does not, and completes with `ECANCELED` at once.
+    fn fresh(&self) -> (State, bool) {
+        let mut state = OpState::new();
         if self.inner.shut_down.get() {
-            let mut state = OpState::new();
             let _ = state.complete(-libc::ECANCELED);
-            let key = self.inner.ops.borrow_mut().insert(OpSlot {
-                state,
-                resources: Some(Box::new(resources)),
-            });
-            return Op::new(self.clone(), key);
+            return (state, false);
         }
-        let key = self.inner.ops.borrow_mut().insert(OpSlot {
-            state: OpState::new(),
-            resources: Some(Box::new(resources)),
-        });
-        // SAFETY: forwarded from this function's contract; the resources now
-        // live in the op table until the completion arrives.
-        unsafe { self.push(&entry.user_data(key as u64)) };
-        Op::new(self.clone(), key)
+        (state, true)
     }
 
-    /// A `POLL_ADD` for `events` (e.g. `libc::POLLIN`) on `fd`.
+    /// Queues `op`; it reaches the kernel at the loop's next iteration (or
+    /// at once if the submission queue is full). The future gives back the
+    /// operation's output (its buffer, say) with the result.
+    pub(crate) fn submit<O: RingOp>(&self, op: O) -> Op<O::Output> {
+        let (state, to_kernel) = self.fresh();
+        let ticket = self.inner.ring.borrow_mut().submit(op, state, to_kernel);
+        Op::new(self.clone(), ticket)
+    }
+
+    /// As [`submit`](Self::submit), keeping `keep` alive until the kernel
+    /// is done with the operation (even if the future is dropped first).
+    pub(crate) fn submit_keeping<O: RingOp, K: 'static>(
+        &self,
+        op: O,
+        keep: K,
+    ) -> Op<(O::Output, K)> {
+        let (state, to_kernel) = self.fresh();
+        let ticket = self
+            .inner
+            .ring
+            .borrow_mut()
+            .submit_keeping(op, keep, state, to_kernel);
+        Op::new(self.clone(), ticket)
+    }
+
+    /// A `POLL_ADD` for `events` (e.g. `libc::POLLIN`) on `fd`, which the
+    /// caller keeps open while the future lives.
     pub(crate) fn poll_add(&self, fd: RawFd, events: u32) -> Op<()> {
-        let entry = opcode::PollAdd::new(types::Fd(fd), events).build();
-        // SAFETY: a poll carries no pointer; the kernel takes its own
-        // reference to the file, so closing `fd` early cannot hurt memory.
-        unsafe { self.submit(entry, ()) }
+        self.submit(Plain::PollAdd { fd, events })
     }
 
     // Pipes read and write in place after a readiness `poll_add` (see
     // subprocess/pipes.rs); these owned-buffer operations stay for callers
     // that want completions (and are exercised by the tests below).
     #[allow(dead_code)]
-    /// Reads up to `buf.capacity() - buf.len()` bytes into `buf`'s spare
-    /// capacity. The length is left unchanged: on `Ok(n)` the caller extends
-    /// it by `n` (`set_len(len + n)`), which the kernel has initialised.
-    pub(crate) fn read(&self, fd: RawFd, mut buf: Vec<u8>) -> Op<Vec<u8>> {
-        let len = buf.len();
-        let spare = buf.capacity() - len;
-        // SAFETY: the pointer is into `buf`'s heap allocation past its length;
-        // `buf` is owned by the op until the completion.
-        let ptr = unsafe { buf.as_mut_ptr().add(len) };
-        let entry = opcode::Read::new(types::Fd(fd), ptr, spare.min(u32::MAX as usize) as u32)
-            .offset(u64::MAX)
-            .build();
-        // SAFETY: see above.
-        unsafe { self.submit(entry, buf) }
+    /// Reads up to `buf.capacity() - buf.len()` bytes, appended to `buf`
+    /// (its length grows by what was read).
+    pub(crate) fn read(&self, fd: RawFd, buf: Vec<u8>) -> Op<Vec<u8>> {
+        self.submit(Read::new(fd, buf))
     }
 
     #[allow(dead_code)]
     /// Writes `buf[offset..]`.
     pub(crate) fn write(&self, fd: RawFd, buf: Vec<u8>, offset: usize) -> Op<Vec<u8>> {
-        let start = offset.min(buf.len());
-        let rest = &buf[start..];
-        let entry = opcode::Write::new(
-            types::Fd(fd),
-            rest.as_ptr(),
-            rest.len().min(u32::MAX as usize) as u32,
-        )
-        .offset(u64::MAX)
-        .build();
-        // SAFETY: the pointer is into `buf`'s heap allocation, which the op
-        // owns until the completion.
-        unsafe { self.submit(entry, buf) }
-    }
-
-    /// # Safety
-    /// As for [`submit`](Self::submit).
-    unsafe fn push(&self, entry: &squeue::Entry) {
-        let mut ring = self.inner.ring.borrow_mut();
-        loop {
-            // SAFETY: forwarded from the caller.
-            if unsafe { ring.submission().push(entry) }.is_ok() {
-                return;
-            }
-            // Queue full: hand what is queued to the kernel and retry.
-            if let Err(e) = ring.submit() {
-                if e.raw_os_error() != Some(libc::EBUSY) && e.raw_os_error() != Some(libc::EINTR) {
-                    tracing::error!("io_uring submit failed: {e}");
-                }
-                // EBUSY: completions must be reaped first; harvesting happens
-                // in `poll`, but we cannot wait here, so reap inline.
-                drop(ring);
-                self.harvest();
-                ring = self.inner.ring.borrow_mut();
-            }
-        }
+        self.submit(Write::new(fd, buf, offset))
     }
 
     fn cancel(&self, key: usize) {
-        let entry = opcode::AsyncCancel::new(key as u64)
-            .build()
-            .user_data(CANCEL_TAG);
-        // SAFETY: a cancel request carries no pointer.
-        unsafe { self.push(&entry) };
+        let cancel = Plain::Cancel {
+            user_data: key as u64,
+        };
+        self.inner.ring.borrow_mut().push_tagged(cancel, CANCEL_TAG);
     }
 
     fn arm_wake(&self, notifier: &Notifier) {
         if !self.inner.wake_armed.get() {
-            let entry = opcode::PollAdd::new(types::Fd(notifier.as_raw_fd()), libc::POLLIN as u32)
-                .build()
-                .user_data(WAKE_TAG);
-            // SAFETY: no pointers; the notifier fd lives as long as the loop.
-            unsafe { self.push(&entry) };
+            // The notifier's eventfd lives as long as the loop.
+            let poll = Plain::PollAdd {
+                fd: notifier.as_raw_fd(),
+                events: libc::POLLIN as u32,
+            };
+            self.inner.ring.borrow_mut().push_tagged(poll, WAKE_TAG);
             self.inner.wake_armed.set(true);
         }
     }
@@ -234,81 +187,52 @@ impl Proactor {
     /// at least one completion, and dispatches every completion available.
     pub(crate) fn poll(&self, timeout: Option<Duration>, notifier: &Notifier) -> io::Result<()> {
         self.arm_wake(notifier);
-        {
-            let mut ring = self.inner.ring.borrow_mut();
-            let res = match timeout {
-                Some(t) if t.is_zero() => {
-                    if ring.submission().is_empty() {
-                        Ok(0)
-                    } else {
-                        ring.submit()
-                    }
-                }
-                Some(t) => {
-                    let ts = types::Timespec::new()
-                        .sec(t.as_secs())
-                        .nsec(t.subsec_nanos());
-                    let args = types::SubmitArgs::new().timespec(&ts);
-                    ring.submitter().submit_with_args(1, &args)
-                }
-                None => ring.submit_and_wait(1),
-            };
-            if let Err(e) = res {
-                match e.raw_os_error() {
-                    Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY)
-                    | Some(libc::EAGAIN) => {}
-                    _ => {
-                        return Err(io::Error::new(
-                            e.kind(),
-                            format!("io_uring_enter failed: {e}"),
-                        ));
-                    }
+        let wait = match timeout {
+            Some(t) if t.is_zero() => Wait::No,
+            Some(t) => Wait::Upto(t),
+            None => Wait::Forever,
+        };
+        let res = self.inner.ring.borrow_mut().enter(wait);
+        if let Err(e) = res {
+            match e.raw_os_error() {
+                Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::EAGAIN) => {}
+                _ => {
+                    return Err(io::Error::new(
+                        e.kind(),
+                        format!("io_uring_enter failed: {e}"),
+                    ));
                 }
             }
         }
-        if self.harvest_into(Some(notifier)) {
+        if self.harvest() {
             self.inner.wake_armed.set(false);
             notifier.reset();
         }
         Ok(())
     }
 
-    fn harvest(&self) {
-        self.harvest_into(None);
-    }
-
     /// Drains the completion queue; returns whether the wake-up poll fired.
-    fn harvest_into(&self, notifier: Option<&Notifier>) -> bool {
+    fn harvest(&self) -> bool {
         let mut cqes = self.inner.cqes.borrow_mut();
         cqes.clear();
-        {
-            let mut ring = self.inner.ring.borrow_mut();
-            cqes.extend(ring.completion().map(|c| (c.user_data(), c.result())));
-        }
         let mut woke = false;
         let mut wakers = Vec::new();
         {
-            let mut ops = self.inner.ops.borrow_mut();
+            let mut ring = self.inner.ring.borrow_mut();
+            ring.drain(&mut cqes);
             for &(tag, res) in cqes.iter() {
                 match tag {
-                    WAKE_TAG => {
-                        if notifier.is_some() {
-                            woke = true;
-                        } else {
-                            // Reaped inline from `push`: re-arm at next poll.
-                            self.inner.wake_armed.set(false);
-                        }
-                    }
+                    WAKE_TAG => woke = true,
                     CANCEL_TAG => {}
                     key => {
                         let key = key as usize;
-                        let Some(slot) = ops.get_mut(key) else {
+                        let Some(state) = ring.state_mut(key) else {
                             continue;
                         };
-                        match slot.state.complete(res) {
+                        match state.complete(res) {
                             OnCompletion::Wake(w) => wakers.extend(w),
                             OnCompletion::Free => {
-                                ops.remove(key);
+                                ring.remove(key);
                             }
                         }
                     }
@@ -325,26 +249,27 @@ impl Proactor {
     /// Number of operations the kernel has not completed yet.
     pub(crate) fn in_flight(&self) -> usize {
         self.inner
-            .ops
+            .ring
             .borrow()
-            .iter()
-            .filter(|(_, s)| s.state.in_flight())
+            .states()
+            .filter(|(_, s)| s.in_flight())
             .count()
     }
 
     /// Cancels everything in flight and waits (bounded) for the kernel to
-    /// finish with it. Resources of operations still in the kernel after the
-    /// grace period are leaked, never freed.
+    /// finish with it. Operations still in the kernel after the grace
+    /// period fail with `ECANCELED`; their resources stay with the ring
+    /// core, which never frees them before their completion.
     pub(crate) fn shutdown(&self) {
         if self.inner.shut_down.replace(true) {
             return;
         }
         let keys: Vec<usize> = self
             .inner
-            .ops
+            .ring
             .borrow()
-            .iter()
-            .filter(|(_, s)| s.state.in_flight())
+            .states()
+            .filter(|(_, s)| s.in_flight())
             .map(|(k, _)| k)
             .collect();
         for k in keys {
@@ -356,81 +281,64 @@ impl Proactor {
             if now >= deadline {
                 break;
             }
-            {
-                let ring = self.inner.ring.borrow_mut();
-                let t = (deadline - now).min(Duration::from_millis(50));
-                let ts = types::Timespec::new()
-                    .sec(t.as_secs())
-                    .nsec(t.subsec_nanos());
-                let args = types::SubmitArgs::new().timespec(&ts);
-                let _ = ring.submitter().submit_with_args(1, &args);
-            }
-            self.harvest();
-        }
-        let mut ops = self.inner.ops.borrow_mut();
-        let mut leaked = 0usize;
-        for (_, slot) in ops.iter_mut() {
-            if slot.state.in_flight() {
-                // The kernel may still write into these: never free them.
-                if let Some(r) = slot.resources.take() {
-                    std::mem::forget(r);
-                    leaked += 1;
-                }
-                if let Some(w) = slot.state.fail(-libc::ECANCELED) {
-                    w.wake();
-                }
+            let t = (deadline - now).min(Duration::from_millis(50));
+            let _ = self.inner.ring.borrow_mut().enter(Wait::Upto(t));
+            if self.harvest() {
+                // Re-armed at the next poll, if there is one.
+                self.inner.wake_armed.set(false);
             }
         }
-        if leaked > 0 {
-            tracing::warn!(
-                "io_uring torn down with {leaked} operation(s) the kernel did not finish; \
-                 their buffers were leaked on purpose"
-            );
-        }
-    }
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        // `shutdown` ran from the loop's close; if it did not (a proactor
-        // outside a loop), leak whatever is still in the kernel.
-        for (_, slot) in self.ops.get_mut().iter_mut() {
-            if slot.state.in_flight() {
-                if let Some(r) = slot.resources.take() {
-                    std::mem::forget(r);
+        let mut wakers = Vec::new();
+        {
+            let mut ring = self.inner.ring.borrow_mut();
+            let stuck: Vec<usize> = ring
+                .states()
+                .filter(|(_, s)| s.in_flight())
+                .map(|(k, _)| k)
+                .collect();
+            for &k in &stuck {
+                if let Some(w) = ring.state_mut(k).and_then(|s| s.fail(-libc::ECANCELED)) {
+                    wakers.push(w);
                 }
             }
+            if !stuck.is_empty() {
+                tracing::warn!(
+                    "io_uring torn down with {} operation(s) the kernel did not finish; \
+                     their buffers are leaked on purpose unless the kernel finishes later",
+                    stuck.len()
+                );
+            }
+        }
+        for w in wakers {
+            w.wake();
         }
     }
 }
 
 /// The future of one io_uring operation: its result (`Ok(n)` with the CQE's
-/// non-negative result, or the errno as an error) and the resources given
-/// to [`Proactor::submit`].
+/// non-negative result, or the errno as an error) and what the operation
+/// gives back (its buffer, what was kept with it).
 pub(crate) struct Op<R: 'static> {
     proactor: Proactor,
-    key: usize,
+    ticket: Ticket<R>,
     finished: bool,
-    _resources: PhantomData<R>,
 }
 
 impl<R: 'static> Op<R> {
-    fn new(proactor: Proactor, key: usize) -> Op<R> {
+    fn new(proactor: Proactor, ticket: Ticket<R>) -> Op<R> {
         Op {
             proactor,
-            key,
+            ticket,
             finished: false,
-            _resources: PhantomData,
         }
     }
 }
 
-// The op holds no `R` (the resources live in the table), so moving it is fine.
-impl<R: 'static> Unpin for Op<R> {}
-
 impl<R: 'static> std::fmt::Debug for Op<R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Op").field("key", &self.key).finish()
+        f.debug_struct("Op")
+            .field("key", &self.ticket.key())
+            .finish()
     }
 }
 
@@ -439,22 +347,18 @@ impl<R: 'static> Future for Op<R> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
-        let mut ops = this.proactor.inner.ops.borrow_mut();
-        let Some(slot) = ops.get_mut(this.key) else {
+        let mut ring = this.proactor.inner.ring.borrow_mut();
+        let Some(state) = ring.state_mut(this.ticket.key()) else {
             // Only reachable if polled after completion.
             return Poll::Pending;
         };
-        let Some(res) = slot.state.poll_done(cx) else {
+        let Some(res) = state.poll_done(cx) else {
             return Poll::Pending;
         };
-        let slot = ops.remove(this.key);
         this.finished = true;
-        let resources = slot
-            .resources
-            .and_then(|b| b.downcast::<R>().ok())
-            .map(|b| *b);
-        let Some(resources) = resources else {
-            // The buffers were leaked at shutdown: nothing to return.
+        let Some((_, Some(output))) = ring.take(&this.ticket, res) else {
+            // Failed at shutdown while the kernel still had it: its
+            // resources stay with the ring core, nothing to return.
             return Poll::Pending;
         };
         let out = if res < 0 {
@@ -462,7 +366,7 @@ impl<R: 'static> Future for Op<R> {
         } else {
             Ok(res)
         };
-        Poll::Ready((out, resources))
+        Poll::Ready((out, output))
     }
 }
 
@@ -471,18 +375,19 @@ impl<R: 'static> Drop for Op<R> {
         if self.finished {
             return;
         }
-        let mut ops = self.proactor.inner.ops.borrow_mut();
-        let Some(slot) = ops.get_mut(self.key) else {
+        let key = self.ticket.key();
+        let mut ring = self.proactor.inner.ring.borrow_mut();
+        let Some(state) = ring.state_mut(key) else {
             return;
         };
-        match slot.state.abandon() {
+        match state.abandon() {
             OnDrop::Free => {
-                ops.remove(self.key);
+                ring.remove(key);
             }
             OnDrop::Cancel => {
-                drop(ops);
+                drop(ring);
                 if !self.proactor.inner.shut_down.get() {
-                    self.proactor.cancel(self.key);
+                    self.proactor.cancel(key);
                 }
             }
             OnDrop::Keep => {}
@@ -515,10 +420,9 @@ mod tests {
                 (n, buf)
             })
             .unwrap();
-        // `read` appends into spare capacity but does not set the length:
-        // the caller owns that step.
+        // `read` appends what it read to the buffer.
         assert_eq!(out.0, 4);
-        assert_eq!(out.1.len(), 0);
+        assert_eq!(out.1, b"ring");
     }
 
     #[test]

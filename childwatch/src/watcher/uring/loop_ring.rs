@@ -16,9 +16,10 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 
 use super::machine::{Arm, Machine, Step};
-use super::{Counted, How, Inner, Pidfd, Reap, Watch, sentinel, sqe};
+use super::{Counted, How, Inner, Pidfd, Reap, Watch, sentinel};
 use crate::event_loop::EventLoop;
 use crate::event_loop::proactor::{Op, Proactor};
+use crate::event_loop::ring::Plain;
 use crate::watcher::child::ChildHandle;
 
 /// Cancellation (and the watch's pidfd) shared between the watcher and a
@@ -114,7 +115,7 @@ pub(super) fn spawn(
 
 enum LoopOp {
     Poll(Op<()>),
-    Wait(Op<Counted>),
+    Wait(Op<((), Counted)>),
     Done,
 }
 
@@ -141,7 +142,10 @@ impl LoopWatch {
                 // No descriptor needed any more: release it now.
                 drop(self.token.pidfd().take());
                 let count = Counted::new(&self.inner.waitids);
-                LoopOp::Wait(sqe::loop_waitid(&self.proactor, self.child.pid(), count))
+                let wait = Plain::WaitIdPid {
+                    pid: self.child.pid(),
+                };
+                LoopOp::Wait(self.proactor.submit_keeping(wait, count))
             }
         };
     }

@@ -28,9 +28,9 @@ use std::time::Duration;
 
 use super::loop_ring::{self, Token};
 use super::machine::{Arm, MAX_ERRORS};
-use super::sqe::SigInfo;
-use super::{Counted, How, Inner, Watch, forget_locked, sqe};
+use super::{Counted, How, Inner, Watch, forget_locked};
 use crate::event_loop::proactor::{Op, Proactor};
+use crate::event_loop::ring::WaitIdAll;
 use crate::event_loop::{EventLoop, LoopHandle, get_running_loop, sleep};
 use crate::sys::{self, Found, Which};
 use crate::watcher::Pid;
@@ -149,7 +149,7 @@ pub(super) fn watch(
         done: false,
     };
     // Submitted now, so it is counted (and in the kernel) at once.
-    let op = sqe::loop_sentinel(p, Counted::new(&inner.sentinels));
+    let op = arm(p, inner);
     lp.create_task(run(task, op)).detach();
     Ok(())
 }
@@ -254,13 +254,17 @@ async fn cancellable<F: Future>(token: &Token, fut: F) -> Option<F::Output> {
     .await
 }
 
-async fn run(mut t: Task, first: Op<(SigInfo, Counted)>) {
+/// Submits the sentinel on `p`'s ring, counted in `waitids_pending` until
+/// the kernel is done with it.
+fn arm(p: &Proactor, inner: &Inner) -> Op<(WaitIdAll, Counted)> {
+    p.submit_keeping(WaitIdAll::new(), Counted::new(&inner.sentinels))
+}
+
+async fn run(mut t: Task, first: Op<(WaitIdAll, Counted)>) {
     let mut errors = 0;
     let mut op = Some(first);
     loop {
-        let op = op
-            .take()
-            .unwrap_or_else(|| sqe::loop_sentinel(&t.proactor, Counted::new(&t.inner.sentinels)));
+        let op = op.take().unwrap_or_else(|| arm(&t.proactor, &t.inner));
         let Some((res, (si, count))) = cancellable(&t.token, op).await else {
             t.done = true;
             return;

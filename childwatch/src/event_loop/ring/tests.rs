@@ -1,0 +1,116 @@
+//! Tests of the ring core on real rings, without the proactor or the
+//! watcher: each operation kind completes, what the kernel wrote comes back
+//! through safe accessors, and memory stays alive until the completion.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use super::{OpRing, Plain, Read, Wait, WaitIdAll, Write};
+
+fn pipe() -> (OwnedFd, OwnedFd) {
+    rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).expect("pipe")
+}
+
+fn child() -> Child {
+    Command::new("true").spawn().expect("spawn true")
+}
+
+/// Enters `ring` until a completion tagged `tag` shows up; its result.
+fn wait_for<S>(ring: &mut OpRing<S>, tag: u64) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut cqes = Vec::new();
+    while Instant::now() < deadline {
+        let _ = ring.enter(Wait::Upto(Duration::from_millis(50)));
+        cqes.clear();
+        ring.drain(&mut cqes);
+        if let Some(&(_, res)) = cqes.iter().find(|&&(t, _)| t == tag) {
+            return res;
+        }
+    }
+    panic!("no completion tagged {tag}");
+}
+
+#[test]
+fn waitid_all_reports_the_pid_of_a_zombie_child() {
+    let mut ring = OpRing::<()>::new(8, 16).unwrap();
+    let mut c = child();
+    let ticket = ring.submit(WaitIdAll::new(), (), true);
+    let res = wait_for(&mut ring, ticket.key() as u64);
+    assert_eq!(res, 0);
+    let ((), op) = ring.take(&ticket, res).unwrap();
+    let pid = op.expect("the kernel is done with it").pid();
+    // Other tests' children may be the zombie reported; it is one of ours.
+    assert!(pid > 0, "pid {pid}");
+    assert!(c.wait().unwrap().success());
+}
+
+#[test]
+fn read_fills_its_owned_buffer_and_write_gives_its_back() {
+    let mut ring = OpRing::<()>::new(8, 16).unwrap();
+    let (r, w) = pipe();
+    let t = ring.submit(Write::new(w.as_raw_fd(), b"--abc".to_vec(), 2), (), true);
+    let res = wait_for(&mut ring, t.key() as u64);
+    assert_eq!(res, 3);
+    let ((), buf) = ring.take(&t, res).unwrap();
+    assert_eq!(buf.unwrap(), b"--abc");
+    let mut buf = Vec::with_capacity(16);
+    buf.push(b'x');
+    let t = ring.submit(Read::new(r.as_raw_fd(), buf), (), true);
+    let res = wait_for(&mut ring, t.key() as u64);
+    assert_eq!(res, 3);
+    let ((), buf) = ring.take(&t, res).unwrap();
+    assert_eq!(buf.unwrap(), b"xabc");
+}
+
+#[test]
+fn an_op_removed_early_keeps_its_memory_and_key_until_its_completion() {
+    let mut ring = OpRing::<u8>::new(8, 16).unwrap();
+    let (r, w) = pipe();
+    let t = ring.submit(Read::new(r.as_raw_fd(), Vec::with_capacity(64)), 1, true);
+    ring.enter(Wait::No).unwrap();
+    // Taken before the kernel is done: the state comes back, the buffer
+    // does not (it stays in a tombstone).
+    let (state, buf) = ring.take(&t, 0).unwrap();
+    assert_eq!((state, buf.is_none()), (1, true));
+    assert_eq!(ring.states().count(), 0);
+    // The key is not reused while the kernel may still write there.
+    let other = ring.submit(
+        Plain::PollAdd {
+            fd: r.as_raw_fd(),
+            events: libc::POLLIN as u32,
+        },
+        2,
+        false,
+    );
+    assert_ne!(other.key(), t.key());
+    rustix::io::write(&w, b"late").unwrap();
+    assert_eq!(wait_for(&mut ring, t.key() as u64), 4);
+    // The completion freed the tombstone: its key is free again.
+    let again = ring.submit(
+        Plain::PollAdd {
+            fd: r.as_raw_fd(),
+            events: libc::POLLIN as u32,
+        },
+        3,
+        false,
+    );
+    assert_eq!(again.key(), t.key());
+    assert_eq!(ring.remove(other.key()), Some(2));
+}
+
+#[test]
+fn an_op_not_sent_to_the_kernel_comes_back_at_once() {
+    let mut ring = OpRing::<()>::new(8, 16).unwrap();
+    let t = ring.submit_keeping(WaitIdAll::new(), "kept", (), false);
+    let ((), out) = ring.take(&t, -libc::ECANCELED).unwrap();
+    let (op, kept) = out.unwrap();
+    assert_eq!((op.pid(), kept), (0, "kept"));
+}
+
+#[test]
+#[should_panic(expected = "collides")]
+fn tagged_entries_cannot_use_operation_keys() {
+    let mut ring = OpRing::<()>::new(8, 16).unwrap();
+    ring.push_tagged(Plain::Cancel { user_data: 1 }, 0);
+}
