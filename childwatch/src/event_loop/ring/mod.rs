@@ -13,6 +13,8 @@
 //!   whose entries carry no pointer, and [`WaitIdAll`], [`Read`] and
 //!   [`Write`], which *own* the heap memory their entry points into. Only
 //!   the ring core can build an entry.
+//! * [`PlainRing`] is a bare ring (the child watcher's own) that takes only
+//!   [`Plain`] operations, with any `user_data`: nothing must be kept alive.
 //! * [`OpRing`] (the proactor's ring) takes any operation and moves it into
 //!   its table, where it stays until the kernel posts its completion. What
 //!   its submitter gets back on completion is the operation (or what it
@@ -36,6 +38,7 @@
 use std::any::Any;
 use std::collections::VecDeque;
 use std::io;
+use std::os::fd::RawFd;
 use std::time::Duration;
 
 use io_uring::{IoUring, squeue, types};
@@ -140,6 +143,48 @@ impl Queue {
     /// Appends every completion available as `(user_data, result)`.
     fn drain(&mut self, out: &mut Vec<(u64, i32)>) {
         out.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+    }
+}
+
+/// A bare ring taking only [`Plain`] operations, tagged with any
+/// `user_data`: the child watcher's own ring.
+pub(crate) struct PlainRing {
+    queue: Queue,
+}
+
+impl PlainRing {
+    /// A ring with `sq_entries` submission and `cq_entries` completion
+    /// entries (the kernel buffers completions beyond it).
+    pub(crate) fn new(sq_entries: u32, cq_entries: u32) -> io::Result<PlainRing> {
+        Ok(PlainRing {
+            queue: Queue::new(sq_entries, cq_entries)?,
+        })
+    }
+
+    /// Has the ring signal `fd` (an eventfd) at each completion.
+    pub(crate) fn register_eventfd(&self, fd: RawFd) -> io::Result<()> {
+        self.queue.ring.submitter().register_eventfd(fd)
+    }
+
+    /// Queues `op` tagged `user_data` (handed to the kernel at the next
+    /// [`flush`](Self::flush), or at once if the submission queue is full).
+    pub(crate) fn push(&mut self, mut op: Plain, user_data: u64) {
+        let entry = op.entry().user_data(user_data);
+        // SAFETY: a `Plain` entry carries no pointer (see its `entry`).
+        unsafe { self.queue.push(entry) };
+    }
+
+    /// Hands everything queued to the kernel. Enters the kernel even with
+    /// nothing queued, which also moves completions it buffered beyond the
+    /// completion queue (overflow) into it.
+    pub(crate) fn flush(&mut self) -> io::Result<usize> {
+        self.queue.flush_backlog()?;
+        self.queue.ring.submit()
+    }
+
+    /// Appends every completion available as `(user_data, result)`.
+    pub(crate) fn drain(&mut self, out: &mut Vec<(u64, i32)>) {
+        self.queue.drain(out);
     }
 }
 

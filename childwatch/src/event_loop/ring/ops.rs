@@ -50,6 +50,8 @@ pub(crate) enum Plain {
         /// The tag of the operation to cancel.
         user_data: u64,
     },
+    /// Does nothing; its completion wakes whoever waits on the ring.
+    Nop,
 }
 
 impl sealed::Sealed for Plain {
@@ -65,6 +67,7 @@ impl sealed::Sealed for Plain {
             )
             .build(),
             Plain::Cancel { user_data } => opcode::AsyncCancel::new(user_data).build(),
+            Plain::Nop => opcode::Nop::new().build(),
         }
     }
 

@@ -6,7 +6,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use super::{OpRing, Plain, Read, Wait, WaitIdAll, Write};
+use super::{OpRing, Plain, PlainRing, Read, Wait, WaitIdAll, Write};
 
 fn pipe() -> (OwnedFd, OwnedFd) {
     rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).expect("pipe")
@@ -29,6 +29,44 @@ fn wait_for<S>(ring: &mut OpRing<S>, tag: u64) -> i32 {
         }
     }
     panic!("no completion tagged {tag}");
+}
+
+#[test]
+fn plain_ring_completes_a_nop_and_a_waitid_that_reaps_nothing() {
+    let mut ring = PlainRing::new(8, 16).unwrap();
+    let mut c = child();
+    ring.push(Plain::WaitIdPid { pid: c.id() as i32 }, 7);
+    ring.push(Plain::Nop, 9);
+    ring.flush().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut seen = Vec::new();
+    while seen.len() < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+        ring.drain(&mut seen);
+    }
+    seen.sort();
+    assert_eq!(seen, vec![(7, 0), (9, 0)]);
+    // WNOWAIT: the child is still there to be reaped.
+    assert!(c.wait().unwrap().success());
+}
+
+#[test]
+fn plain_ring_takes_more_entries_than_its_queue_holds() {
+    let mut ring = PlainRing::new(2, 4).unwrap();
+    for tag in 0..20 {
+        ring.push(Plain::Nop, tag);
+    }
+    ring.flush().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut seen = Vec::new();
+    while seen.len() < 20 && Instant::now() < deadline {
+        ring.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+        ring.drain(&mut seen);
+    }
+    let mut tags: Vec<u64> = seen.iter().map(|&(t, _)| t).collect();
+    tags.sort();
+    assert_eq!(tags, (0..20).collect::<Vec<_>>());
 }
 
 #[test]

@@ -34,12 +34,16 @@
 //! With a proactor loop running at registration, the operation goes on that
 //! loop's ring ([`loop_ring`]); otherwise on the watcher's own ring
 //! ([`own_ring`]), harvested by a task on the running selector loop or, with
-//! no loop at all, by one lazily started reaper thread. Each child's
-//! decisions come from one state machine ([`machine`]). When a ring cannot
-//! watch a child any more (its loop closed, errors beyond the budget): loop
-//! ring → own ring → a waiter thread → the shared overflow poller. A child
-//! is never dropped: with no thread to be had at all, it waits unreaped on
-//! the overflow list, which every registration checks.
+//! no loop at all, by one lazily started reaper thread. Both kinds of ring
+//! go through the event loop's ring core (`event_loop/ring/`), which builds
+//! every io_uring entry and owns what the kernel writes into: the watcher
+//! never handles a raw entry, and the own ring only takes pointer-free
+//! operations. Each child's decisions come from one state machine
+//! ([`machine`]). When a ring cannot watch a child any more (its loop
+//! closed, errors beyond the budget): loop ring → own ring → a waiter
+//! thread → the shared overflow poller. A child is never dropped: with no
+//! thread to be had at all, it waits unreaped on the overflow list, which
+//! every registration checks.
 //!
 //! `close()` cancels everything (a cancelled `WNOWAIT` wait reaps nothing),
 //! reaps the children that already died and leaves live ones to the caller.
@@ -53,7 +57,6 @@ mod machine;
 mod own_ring;
 mod sentinel;
 mod shared;
-mod sqe;
 
 use std::fmt;
 use std::io;

@@ -16,21 +16,20 @@
 //! children move to waiter threads (then the overflow poller), and the ring
 //! is also harvested at every registration: a child is never dropped.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use io_uring::IoUring;
 use rustix::event::{EventfdFlags, PollFd, PollFlags, Timespec, eventfd};
 
 use super::harvester;
 use super::loop_ring::Token;
 use super::machine::{Arm, Machine, Step};
-use super::sqe::{self, Sqe};
 use super::{Counted, How, Inner, Pidfd, Reap, Watch};
+use crate::event_loop::ring::{Plain, PlainRing};
 use crate::event_loop::{EventLoop, LoopHandle};
 use crate::watcher::child::ChildHandle;
 
@@ -62,10 +61,10 @@ pub(super) struct OwnOp {
 }
 
 pub(super) struct Core {
-    ring: IoUring,
+    /// Takes only pointer-free operations (the ring core's `Plain`), so the
+    /// watcher keeps no buffer alive for the kernel.
+    ring: PlainRing,
     pub(super) ops: HashMap<u64, OwnOp>,
-    /// Entries the submission queue could not take yet, oldest first.
-    backlog: VecDeque<Sqe>,
     /// Harvesting tasks alive on selector loops.
     pub(super) harvesters: Vec<(LoopHandle, Arc<Token>)>,
     /// A reaper thread is running.
@@ -86,23 +85,19 @@ pub(super) struct OwnRing {
 
 impl OwnRing {
     fn new() -> io::Result<OwnRing> {
-        let ring = IoUring::builder()
-            .setup_cqsize(CQ_ENTRIES)
-            .build(SQ_ENTRIES)
-            .map_err(|e| {
-                io::Error::new(
-                    e.kind(),
-                    format!("cannot create the watcher's io_uring: {e}"),
-                )
-            })?;
+        let ring = PlainRing::new(SQ_ENTRIES, CQ_ENTRIES).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot create the watcher's io_uring: {e}"),
+            )
+        })?;
         let efd = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?;
-        ring.submitter().register_eventfd(efd.as_raw_fd())?;
+        ring.register_eventfd(efd.as_raw_fd())?;
         Ok(OwnRing {
             efd,
             core: Mutex::new(Core {
                 ring,
                 ops: HashMap::new(),
-                backlog: VecDeque::new(),
                 harvesters: Vec::new(),
                 reaper: false,
                 hosts: 0,
@@ -143,31 +138,15 @@ impl OwnRing {
 }
 
 impl Core {
-    /// Queues `entry` (the submission queue, else the backlog).
-    fn push(&mut self, entry: Sqe) {
-        if self.backlog.is_empty() {
-            if entry.push(&mut self.ring) {
-                return;
-            }
-            let _ = self.ring.submit();
-            if entry.push(&mut self.ring) {
-                return;
-            }
-        }
-        self.backlog.push_back(entry);
+    /// Queues `op` tagged `tag` (handed to the kernel at the next flush, or
+    /// at once if the submission queue is full).
+    fn push(&mut self, op: Plain, tag: u64) {
+        self.ring.push(op, tag);
     }
 
     /// Hands queued entries to the kernel.
     pub(super) fn flush(&mut self) {
-        while let Some(entry) = self.backlog.pop_front() {
-            if !entry.push(&mut self.ring) {
-                self.backlog.push_front(entry);
-                if self.ring.submit().is_err() {
-                    break;
-                }
-            }
-        }
-        if let Err(e) = self.ring.submit() {
+        if let Err(e) = self.ring.flush() {
             if !matches!(
                 e.raw_os_error(),
                 Some(libc::EBUSY | libc::EAGAIN | libc::EINTR)
@@ -180,12 +159,18 @@ impl Core {
     /// Queues the operation `op` under `id`.
     fn start(&mut self, id: u64, op: OwnOp) {
         let entry = match &op.kind {
-            Kind::Poll(fd) => sqe::poll(fd.raw()),
-            Kind::Wait(_) => sqe::waitid(op.child.pid()),
+            // Readable once the child exited.
+            Kind::Poll(fd) => Plain::PollAdd {
+                fd: fd.raw(),
+                events: libc::POLLIN as u32,
+            },
+            Kind::Wait(_) => Plain::WaitIdPid {
+                pid: op.child.pid(),
+            },
             Kind::Gone => return,
         };
         self.ops.insert(id, op);
-        self.push(entry.user_data(id));
+        self.push(entry, id);
     }
 
     /// Cancels operation `id`, releasing its pidfd at once (the kernel
@@ -199,7 +184,7 @@ impl Core {
         }
         op.cancelled = true;
         op.kind = Kind::Gone;
-        self.push(sqe::cancel(id).user_data(CANCEL_TAG));
+        self.push(Plain::Cancel { user_data: id }, CANCEL_TAG);
     }
 
     /// Cancels every operation; returns their children.
@@ -304,11 +289,8 @@ pub(super) fn harvest(inner: &Arc<Inner>, ring: &OwnRing) {
         let done: Vec<(u64, i32, OwnOp)> = {
             let mut core = ring.lock();
             core.flush();
-            let cqes: Vec<(u64, i32)> = core
-                .ring
-                .completion()
-                .map(|c| (c.user_data(), c.result()))
-                .collect();
+            let mut cqes = Vec::new();
+            core.ring.drain(&mut cqes);
             if cqes.is_empty() {
                 return;
             }
@@ -452,7 +434,7 @@ impl OwnRing {
             while !t.is_finished() {
                 {
                     let mut core = self.lock();
-                    core.push(sqe::nop().user_data(WAKE_TAG));
+                    core.push(Plain::Nop, WAKE_TAG);
                     core.flush();
                 }
                 std::thread::sleep(Duration::from_millis(1));
