@@ -72,6 +72,8 @@ struct Queue {
 }
 
 impl Queue {
+    /// A ring with `sq_entries` submission and `cq_entries` completion
+    /// entries, and an empty backlog.
     fn new(sq_entries: u32, cq_entries: u32) -> io::Result<Queue> {
         let ring = IoUring::builder()
             .setup_cqsize(cq_entries)
@@ -212,11 +214,13 @@ impl<R> Ticket<R> {
     }
 }
 
+/// The output of `O`, submitted alone, from its slot's `held`.
 fn finish_op<O: RingOp>(held: Box<dyn Any>, res: i32) -> Option<O::Output> {
     let (op, ()) = *held.downcast::<(O, ())>().ok()?;
     Some(op.into_output(res))
 }
 
+/// The output of `O` and what was kept with it, from its slot's `held`.
 fn finish_keeping<O: RingOp, K: 'static>(held: Box<dyn Any>, res: i32) -> Option<(O::Output, K)> {
     let (op, keep) = *held.downcast::<(O, K)>().ok()?;
     Some((op.into_output(res), keep))
@@ -270,6 +274,8 @@ impl<S> OpRing<S> {
         }
     }
 
+    /// Puts `(op, keep)` in a new slot and, if `to_kernel`, queues its
+    /// entry tagged with the slot's key.
     fn insert<O: RingOp, K: 'static>(
         &mut self,
         op: O,
