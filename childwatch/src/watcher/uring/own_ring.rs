@@ -73,6 +73,10 @@ pub(super) struct Core {
     pub(super) hosts: usize,
     threads: Vec<JoinHandle<()>>,
     pub(super) closing: bool,
+    /// A flush is queued as a callback on a selector loop that harvests
+    /// this ring: registrations made in one loop iteration reach the kernel
+    /// in one `io_uring_enter`.
+    flush_queued: bool,
 }
 
 /// The watcher's own io_uring, shared by whoever harvests it.
@@ -103,6 +107,7 @@ impl OwnRing {
                 hosts: 0,
                 threads: Vec::new(),
                 closing: false,
+                flush_queued: false,
             }),
         })
     }
@@ -270,7 +275,19 @@ pub(super) fn watch(
             ));
         }
     }
-    core.flush();
+    match (lp, &harvested) {
+        // Harvested on this selector loop: submit once per loop iteration
+        // (a callback runs before the loop sleeps again), not once per
+        // child. Anyone else who flushes meanwhile submits it too.
+        (Some(lp), Ok(())) => {
+            if !core.flush_queued {
+                core.flush_queued = true;
+                let flush = QueuedFlush(Arc::clone(&ring));
+                lp.call_soon(move || drop(flush));
+            }
+        }
+        _ => core.flush(),
+    }
     drop(core);
     st.watches.insert(
         child.pid(),
@@ -280,6 +297,19 @@ pub(super) fn watch(
         },
     );
     Ok(())
+}
+
+/// The flush a selector loop runs at its next iteration. It flushes when
+/// dropped, so a loop that stops or closes before running it still hands
+/// the queued entries to the kernel.
+struct QueuedFlush(Arc<OwnRing>);
+
+impl Drop for QueuedFlush {
+    fn drop(&mut self) {
+        let mut core = self.0.lock();
+        core.flush_queued = false;
+        core.flush();
+    }
 }
 
 /// Drains the ring's completions and applies the state machine's steps.
