@@ -379,8 +379,9 @@ enum ClosedBy {
 /// So a task or callback may hold a clone of its own loop: dropping the
 /// owner still closes the loop and drops that task. A clone used after its
 /// loop closed fails with an error that says so (`run_until_complete`,
-/// `run_forever`, `add_signal_handler`), never with a panic; a task created
-/// on it never runs.
+/// `run_forever`, `add_signal_handler`), schedules nothing (`call_soon`,
+/// `call_later`, `call_at` return a cancelled [`Handle`]; `create_task`
+/// returns a task that never runs) and never panics.
 ///
 /// To keep the loop open from more than one place, ask for another owning
 /// handle with [`share_ownership`](Self::share_ownership); the loop then
@@ -546,8 +547,14 @@ impl EventLoop {
 
     /// Schedules `f` to run at the next iteration, after the callbacks
     /// already scheduled (FIFO).
+    ///
+    /// On a closed loop `f` is dropped at once and the handle comes back
+    /// cancelled.
     pub fn call_soon(&self, f: impl FnOnce() + 'static) -> Handle {
         let state = HandleState::new(Box::new(f));
+        if self.refuse_callback(&state, "call_soon") {
+            return Handle { state, when: None };
+        }
         self.inner
             .ready
             .borrow_mut()
@@ -563,8 +570,17 @@ impl EventLoop {
 
     /// Schedules `f` to run at `when`; timers due at the same instant run in
     /// the order they were scheduled.
+    ///
+    /// On a closed loop `f` is dropped at once and the handle comes back
+    /// cancelled.
     pub fn call_at(&self, when: Instant, f: impl FnOnce() + 'static) -> Handle {
         let state = HandleState::new(Box::new(f));
+        if self.refuse_callback(&state, "call_at") {
+            return Handle {
+                state,
+                when: Some(when),
+            };
+        }
         self.inner.timers.borrow_mut().push(when, Rc::clone(&state));
         Handle {
             state,
@@ -792,6 +808,18 @@ impl EventLoop {
             _ => "the event loop is closed (close() was called); create a new one",
         };
         io::Error::other(format!("{doing}: {why}"))
+    }
+
+    /// On a closed loop, cancels `state` and drops its callback at once
+    /// (queued there, it would keep whatever it captured, perhaps a handle
+    /// to this very loop, until the last handle goes); true if it did.
+    fn refuse_callback(&self, state: &HandleState, what: &str) -> bool {
+        if !self.inner.closed.get() {
+            return false;
+        }
+        tracing::debug!("{what} on a closed event loop: the callback is dropped, never run");
+        drop(state.release());
+        true
     }
 
     /// The io_uring backend, for operations that want completions.
@@ -1321,6 +1349,20 @@ mod tests {
         assert!(err.to_string().contains("owning handle"), "{err}");
         let e2 = copy.add_signal_handler(10, || {}).unwrap_err();
         assert!(e2.to_string().contains("owning handle"), "{e2}");
+        // Scheduling on it schedules nothing and keeps nothing.
+        let flag = Rc::new(Cell::new(0));
+        let f = Rc::clone(&flag);
+        let h = copy.call_soon(move || f.set(1));
+        assert!(h.cancelled());
+        assert_eq!(Rc::strong_count(&flag), 1);
+        let (f, keep) = (Rc::clone(&flag), copy.clone());
+        let h = copy.call_later(Duration::from_secs(1), move || {
+            let _ = &keep;
+            f.set(2);
+        });
+        assert!(h.cancelled());
+        assert_eq!(Rc::strong_count(&flag), 1);
+        assert_eq!(copy.pending_counts(), (0, 0, false));
         let t = copy.create_task(async { 1 });
         assert!(t.is_finished());
         assert_eq!(copy.live_tasks(), 0);
