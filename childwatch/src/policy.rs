@@ -125,10 +125,20 @@ impl PolicyCore {
     }
 
     fn get_event_loop(&self) -> io::Result<EventLoop> {
-        let existing = LOCAL.with(|l| {
-            let l = l.borrow();
-            l.get(&self.id).map(|s| (s.lp.clone(), s.set_called))
-        });
+        // At thread exit the slots are dropped, and with them the loops they
+        // own: a destructor of one of their tasks that asks for the thread's
+        // loop gets an error, not a panic in a destructor.
+        let existing = LOCAL
+            .try_with(|l| {
+                let l = l.borrow();
+                l.get(&self.id).map(|s| (s.lp.clone(), s.set_called))
+            })
+            .map_err(|_| {
+                io::Error::other(
+                    "this thread is exiting and its event loop is gone; there is no current \
+                     event loop",
+                )
+            })?;
         match existing {
             Some((Some(lp), _)) => Ok(lp),
             Some((None, true)) => Err(io::Error::other(
@@ -151,12 +161,18 @@ impl PolicyCore {
         // clone does not keep a loop open): it stays open while it is set.
         let lp = lp.map(|l| if l.is_owning() { l } else { l.owning_handle() });
         let current = lp.as_ref().map(EventLoop::non_owning);
-        let old = LOCAL.with(|l| {
-            let mut l = l.borrow_mut();
-            let st = l.entry(self.id).or_default();
-            st.set_called = true;
-            std::mem::replace(&mut st.lp, lp)
-        });
+        let mut new = Some(lp);
+        let old = LOCAL
+            .try_with(|l| {
+                let mut l = l.borrow_mut();
+                let st = l.entry(self.id).or_default();
+                st.set_called = true;
+                std::mem::replace(&mut st.lp, new.take().flatten())
+            })
+            .unwrap_or_else(|_| {
+                tracing::warn!("set_event_loop while this thread exits: there is no slot left");
+                None
+            });
         if is_main_thread() {
             let w = self.lock_watcher().clone();
             if let Some(w) = w {
@@ -166,6 +182,7 @@ impl PolicyCore {
         // A replaced loop no other handle owns closes here, with no borrow of
         // the slots held: its tasks' destructors may call into the policy.
         drop(old);
+        drop(new);
     }
 
     fn new_event_loop(&self) -> io::Result<EventLoop> {
@@ -183,8 +200,12 @@ impl PolicyCore {
         }
         let w = default_watcher();
         if is_main_thread() {
-            let lp = get_running_loop()
-                .or_else(|| LOCAL.with(|l| l.borrow().get(&self.id).and_then(|s| s.lp.clone())));
+            let lp = get_running_loop().or_else(|| {
+                LOCAL
+                    .try_with(|l| l.borrow().get(&self.id).and_then(|s| s.lp.clone()))
+                    .ok()
+                    .flatten()
+            });
             if let Some(lp) = lp {
                 w.attach_loop(Some(&lp));
             }

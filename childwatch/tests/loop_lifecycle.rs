@@ -669,3 +669,49 @@ fn dropping_loops_whose_tasks_hold_clones_with_the_safe_and_fast_watchers_attach
         fast.close();
     }
 }
+
+/// A loop the policy owns for a thread is released when the thread exits,
+/// with its parked tasks; a destructor that then asks the policy for the
+/// thread's loop gets an error, not a panic (which would abort there).
+#[test]
+fn a_policy_owned_loop_is_released_at_thread_exit() {
+    let _s = serial();
+    struct AsksForTheLoop(Arc<Mutex<Option<bool>>>);
+    impl Drop for AsksForTheLoop {
+        fn drop(&mut self) {
+            let got = childwatch::get_event_loop();
+            *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(got.is_err());
+        }
+    }
+    let (fds, threads) = (fd_count(), thread_count());
+    for _ in 0..50 {
+        let seen = Arc::new(Mutex::new(None));
+        let seen2 = Arc::clone(&seen);
+        std::thread::spawn(move || {
+            let lp = childwatch::get_event_loop().expect("created on first use");
+            let inner = lp.clone();
+            let guard = AsksForTheLoop(seen2);
+            lp.create_task(async move {
+                let _keep = (guard, inner);
+                sleep(Duration::from_secs(3600)).await;
+            })
+            .detach();
+            run_briefly(&lp, async {});
+            // Neither closed nor cleared: the thread's end releases it.
+        })
+        .join()
+        .expect("the thread ends cleanly");
+        let seen = *seen.lock().unwrap_or_else(|p| p.into_inner());
+        assert_eq!(seen, Some(true), "the task was dropped at thread exit");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while thread_count() > threads && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (fds2, threads2) = (fd_count(), thread_count());
+    assert!(fds2 <= fds + 2, "descriptors leaked: {fds} -> {fds2}");
+    assert!(
+        threads2 <= threads,
+        "threads leaked: {threads} -> {threads2}"
+    );
+}
