@@ -684,10 +684,11 @@ fn a_policy_owned_loop_is_released_at_thread_exit() {
         }
     }
     let (fds, threads) = (fd_count(), thread_count());
+    let mut tids = Vec::new();
     for _ in 0..50 {
         let seen = Arc::new(Mutex::new(None));
         let seen2 = Arc::clone(&seen);
-        std::thread::spawn(move || {
+        let tid = std::thread::spawn(move || {
             let lp = childwatch::get_event_loop().expect("created on first use");
             let inner = lp.clone();
             let guard = AsksForTheLoop(seen2);
@@ -698,20 +699,29 @@ fn a_policy_owned_loop_is_released_at_thread_exit() {
             .detach();
             run_briefly(&lp, async {});
             // Neither closed nor cleared: the thread's end releases it.
+            // SAFETY: gettid has no preconditions.
+            unsafe { libc::gettid() }
         })
         .join()
         .expect("the thread ends cleanly");
+        tids.push(tid);
         let seen = *seen.lock().unwrap_or_else(|p| p.into_inner());
         assert_eq!(seen, Some(true), "the task was dropped at thread exit");
     }
+    // Each thread is gone for good (its tid leaves /proc/self/task shortly
+    // after join): nothing of its loop kept it.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while thread_count() > threads && std::time::Instant::now() < deadline {
+    let task_left = |t: &i32| std::path::Path::new(&format!("/proc/self/task/{t}")).exists();
+    while tids.iter().any(task_left) && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(5));
     }
+    let left: Vec<i32> = tids.iter().copied().filter(task_left).collect();
+    assert!(left.is_empty(), "threads still there: {left:?}");
     let (fds2, threads2) = (fd_count(), thread_count());
     assert!(fds2 <= fds + 2, "descriptors leaked: {fds} -> {fds2}");
+    // The test harness may start another test thread meanwhile.
     assert!(
-        threads2 <= threads,
+        threads2 <= threads + 2,
         "threads leaked: {threads} -> {threads2}"
     );
 }
