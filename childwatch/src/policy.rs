@@ -14,6 +14,13 @@
 //! watcher to that loop, and a thread that explicitly set `None` gets an
 //! error from `get_event_loop` instead of a fresh loop.
 //!
+//! The policy owns the loop it holds for a thread (see
+//! [`EventLoop`'s docs](crate::EventLoop#closing-and-dropping)): the one
+//! `get_event_loop` creates on first use, and the one given to
+//! `set_event_loop`, from whichever handle. That loop stays open while it is
+//! set; the handles `get_event_loop` returns do not keep it open, so once it
+//! is replaced or cleared (and no other owning handle is left) it closes.
+//!
 //! On Windows the proactor is an I/O completion port loop, which always
 //! works, so the default policy *is* asyncio's (3.8+) default there:
 //! `WindowsProactorEventLoopPolicy` (an alias of [`ProactorEventLoopPolicy`]
@@ -34,9 +41,13 @@ use crate::watcher::{ChildWatcher, default_watcher};
 
 /// asyncio's `AbstractEventLoopPolicy`.
 pub trait EventLoopPolicy: Send + Sync {
-    /// This thread's loop, created on first use.
+    /// This thread's loop, created on first use. The policy owns it; the
+    /// handle returned does not keep it open.
     fn get_event_loop(&self) -> io::Result<EventLoop>;
-    /// Sets (or with `None` clears) this thread's loop.
+    /// Sets (or with `None` clears) this thread's loop. The policy takes
+    /// ownership of the loop, from whatever handle it is given, so it stays
+    /// open while it is set; a loop replaced or cleared here closes unless
+    /// another owning handle is left.
     fn set_event_loop(&self, lp: Option<EventLoop>);
     /// A new loop of this policy's kind (not made current).
     fn new_event_loop(&self) -> io::Result<EventLoop>;
@@ -65,6 +76,7 @@ pub fn proactor_supported() -> bool {
 
 #[derive(Default)]
 struct LocalState {
+    /// An owning handle: the policy keeps this thread's loop open.
     lp: Option<EventLoop>,
     set_called: bool,
 }
@@ -113,10 +125,20 @@ impl PolicyCore {
     }
 
     fn get_event_loop(&self) -> io::Result<EventLoop> {
-        let existing = LOCAL.with(|l| {
-            let l = l.borrow();
-            l.get(&self.id).map(|s| (s.lp.clone(), s.set_called))
-        });
+        // At thread exit the slots are dropped, and with them the loops they
+        // own: a destructor of one of their tasks that asks for the thread's
+        // loop gets an error, not a panic in a destructor.
+        let existing = LOCAL
+            .try_with(|l| {
+                let l = l.borrow();
+                l.get(&self.id).map(|s| (s.lp.clone(), s.set_called))
+            })
+            .map_err(|_| {
+                io::Error::other(
+                    "this thread is exiting and its event loop is gone; there is no current \
+                     event loop",
+                )
+            })?;
         match existing {
             Some((Some(lp), _)) => Ok(lp),
             Some((None, true)) => Err(io::Error::other(
@@ -124,26 +146,43 @@ impl PolicyCore {
                  called); call set_event_loop(Some(new_event_loop()?)) first",
             )),
             _ => {
+                // The policy owns the loop it creates; the caller gets a
+                // handle like the ones later calls return.
                 let lp = self.new_event_loop()?;
-                self.set_event_loop(Some(lp.clone()));
-                Ok(lp)
+                let handle = lp.clone();
+                self.set_event_loop(Some(lp));
+                Ok(handle)
             }
         }
     }
 
     fn set_event_loop(&self, lp: Option<EventLoop>) {
-        LOCAL.with(|l| {
-            let mut l = l.borrow_mut();
-            let st = l.entry(self.id).or_default();
-            st.lp = lp.clone();
-            st.set_called = true;
-        });
+        // The slot owns the thread's loop, whatever handle it came from (a
+        // clone does not keep a loop open): it stays open while it is set.
+        let lp = lp.map(|l| if l.is_owning() { l } else { l.owning_handle() });
+        let current = lp.as_ref().map(EventLoop::non_owning);
+        let mut new = Some(lp);
+        let old = LOCAL
+            .try_with(|l| {
+                let mut l = l.borrow_mut();
+                let st = l.entry(self.id).or_default();
+                st.set_called = true;
+                std::mem::replace(&mut st.lp, new.take().flatten())
+            })
+            .unwrap_or_else(|_| {
+                tracing::warn!("set_event_loop while this thread exits: there is no slot left");
+                None
+            });
         if is_main_thread() {
             let w = self.lock_watcher().clone();
             if let Some(w) = w {
-                w.attach_loop(lp.as_ref());
+                w.attach_loop(current.as_ref());
             }
         }
+        // A replaced loop no other handle owns closes here, with no borrow of
+        // the slots held: its tasks' destructors may call into the policy.
+        drop(old);
+        drop(new);
     }
 
     fn new_event_loop(&self) -> io::Result<EventLoop> {
@@ -161,8 +200,12 @@ impl PolicyCore {
         }
         let w = default_watcher();
         if is_main_thread() {
-            let lp = get_running_loop()
-                .or_else(|| LOCAL.with(|l| l.borrow().get(&self.id).and_then(|s| s.lp.clone())));
+            let lp = get_running_loop().or_else(|| {
+                LOCAL
+                    .try_with(|l| l.borrow().get(&self.id).and_then(|s| s.lp.clone()))
+                    .ok()
+                    .flatten()
+            });
             if let Some(lp) = lp {
                 w.attach_loop(Some(&lp));
             }

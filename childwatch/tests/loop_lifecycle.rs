@@ -91,6 +91,32 @@ fn gone_within(pid: i32, patience: Duration) -> bool {
     true
 }
 
+/// Whether our child `pid` is reaped: no such process, or (its pid reused)
+/// not our child any more. A zombie of ours is not reaped.
+fn reaped(pid: i32) -> bool {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return true;
+    };
+    let Some((_, rest)) = s.rsplit_once(')') else {
+        return true;
+    };
+    let ppid = rest.split_whitespace().nth(1);
+    ppid != Some(std::process::id().to_string().as_str())
+}
+
+/// Whether every pid in `pids` is reaped before `patience` runs out; the
+/// ones that are not.
+fn unreaped_after(pids: &[i32], patience: Duration) -> Vec<i32> {
+    let deadline = std::time::Instant::now() + patience;
+    loop {
+        let left: Vec<i32> = pids.iter().copied().filter(|&p| !reaped(p)).collect();
+        if left.is_empty() || std::time::Instant::now() > deadline {
+            return left;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 /// Runs the loop until `fut` completes, then lets it run briefly more so
 /// tasks created on it park.
 fn run_briefly<F: Future>(lp: &EventLoop, fut: F) -> F::Output {
@@ -105,8 +131,10 @@ enum End {
     Drop,
 }
 
-/// One loop with a parked task that holds what `park` gives it, ended by
-/// `end`. Returns the number of parked futures dropped by then.
+/// One loop with parked tasks and a pending timer, ended by `end`; with
+/// `hold_clone`, a task and the timer hold a clone of the owning handle
+/// (before issue 10 that was a reference cycle). Returns the number of
+/// parked futures and callbacks dropped by then.
 fn one_parked_loop(kind: LoopKind, end: &End, hold_clone: bool) -> usize {
     let dropped = Rc::new(Cell::new(0));
     let lp = EventLoop::new(kind).expect("loop");
@@ -124,8 +152,8 @@ fn one_parked_loop(kind: LoopKind, end: &End, hold_clone: bool) -> usize {
         sleep(Duration::from_secs(3600)).await;
     })
     .detach();
-    // A pending timer whose callback holds a clone (owning or not, as the
-    // task above).
+    // A pending timer whose callback holds a handle to its loop: a clone of
+    // the owner, or the explicitly non-owning kind.
     let l2 = if hold_clone {
         lp.clone()
     } else {
@@ -190,6 +218,126 @@ fn dropping_a_loop_releases_parked_tasks_timers_and_descriptors() {
     }
 }
 
+/// Issue 10: a task holding a clone of its own loop used to be a reference
+/// cycle, so dropping the loop without `close()` leaked it. A clone does not
+/// keep the loop open: dropping the owner releases all of it.
+#[test]
+fn dropping_a_loop_whose_tasks_hold_clones_of_it_releases_everything() {
+    let _s = serial();
+    for kind in kinds() {
+        churn_parked(kind, End::Drop, true);
+    }
+}
+
+#[test]
+fn a_clone_used_after_its_owner_is_dropped_errors_clearly() {
+    let _s = serial();
+    for kind in kinds() {
+        let lp = EventLoop::new(kind).expect("loop");
+        let copy = lp.clone();
+        assert!(lp.is_owning() && !copy.is_owning());
+        let dropped = Rc::new(Cell::new(0));
+        let token = DropCount(Rc::clone(&dropped));
+        let inner = copy.clone();
+        copy.create_task(async move {
+            let _keep = (token, inner);
+            sleep(Duration::from_secs(3600)).await;
+        })
+        .detach();
+        run_briefly(&copy, async {});
+        drop(lp);
+        assert_eq!(
+            dropped.get(),
+            1,
+            "the parked task was dropped with the owner"
+        );
+        assert!(copy.is_closed());
+        let err = copy
+            .run_until_complete(async {})
+            .expect_err("running a closed loop");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("owning handle") && msg.contains("set_event_loop"),
+            "the error says what to do: {msg}"
+        );
+        let err = copy.run_forever().expect_err("running a closed loop");
+        assert!(err.to_string().contains("owning handle"), "{err}");
+        assert!(copy.share_ownership().is_err());
+        // Scheduling does nothing and keeps nothing, without a panic.
+        let token = DropCount(Rc::clone(&dropped));
+        let h = copy.call_soon(move || drop(token));
+        assert!(h.cancelled());
+        assert_eq!(dropped.get(), 2, "the refused callback is dropped at once");
+        let token = DropCount(Rc::clone(&dropped));
+        let t = copy.create_task(async move { drop(token) });
+        assert!(t.is_finished());
+        assert_eq!(dropped.get(), 3, "the refused task is dropped at once");
+        assert!(copy.handle().call_soon_threadsafe(|| {}).is_err());
+        copy.close().expect("closing a closed loop is fine");
+    }
+}
+
+#[test]
+fn shared_ownership_keeps_the_loop_open_until_the_last_owner_goes() {
+    let _s = serial();
+    for kind in kinds() {
+        let lp = EventLoop::new(kind).expect("loop");
+        let owner = lp.clone().share_ownership().expect("open loop");
+        drop(lp);
+        assert!(!owner.is_closed());
+        assert_eq!(owner.run_until_complete(async { 7 }).expect("run"), 7);
+        let copy = owner.clone();
+        drop(owner);
+        assert!(copy.is_closed());
+    }
+}
+
+#[test]
+fn the_policy_owns_the_loop_set_for_its_thread() {
+    let _s = serial();
+    for kind in kinds() {
+        let lp = EventLoop::new(kind).expect("loop");
+        childwatch::set_event_loop(Some(lp.clone()));
+        drop(lp);
+        let got = childwatch::get_event_loop().expect("this thread's loop");
+        assert_eq!(got.kind(), kind);
+        assert!(!got.is_closed(), "the policy keeps the loop open");
+        assert!(!got.is_owning(), "get_event_loop hands out a clone");
+        let dropped = Rc::new(Cell::new(0));
+        let token = DropCount(Rc::clone(&dropped));
+        let inner = got.clone();
+        got.create_task(async move {
+            let _keep = (token, inner);
+            sleep(Duration::from_secs(3600)).await;
+        })
+        .detach();
+        assert_eq!(
+            got.run_until_complete(async {
+                sleep(Duration::from_millis(1)).await;
+                5
+            })
+            .expect("run"),
+            5
+        );
+        drop(got);
+        let again = childwatch::get_event_loop().expect("still set");
+        assert!(!again.is_closed());
+        // Clearing the slot drops the last owner: the loop closes and its
+        // parked task is dropped.
+        childwatch::set_event_loop(None);
+        assert!(again.is_closed());
+        assert_eq!(dropped.get(), 1);
+        assert!(childwatch::get_event_loop().is_err(), "None was set");
+    }
+    // A loop the policy created on first use is owned by the policy too.
+    let policy = childwatch::SelectorEventLoopPolicy::new();
+    let first = childwatch::EventLoopPolicy::get_event_loop(&policy).expect("created");
+    assert!(!first.is_owning() && !first.is_closed());
+    assert_eq!(first.run_until_complete(async { 1 }).expect("run"), 1);
+    childwatch::EventLoopPolicy::set_event_loop(&policy, None);
+    assert!(first.is_closed());
+}
+
 // ---------------------------------------------------------------- with children
 
 /// Zombies among our children (killed, not yet reaped).
@@ -210,11 +358,27 @@ fn zombie_children() -> usize {
         .count()
 }
 
+/// What the task parked on a child holds of its loop besides the `Process`.
+#[derive(Clone, Copy)]
+enum Holds {
+    /// `get_running_loop()`, taken inside the loop.
+    RunningLoop,
+    /// A clone of the owning handle, taken outside (issue 10: this was a
+    /// reference cycle when clones owned the loop).
+    OwnerClone,
+}
+
 /// One loop that spawns a `kill_on_drop` child whose `wait` is parked in a
-/// task (holding a non-owning clone of the loop) and whose stdout is a pipe,
-/// then is closed or dropped. Returns the child's pid.
-fn one_loop_with_child(kind: LoopKind, end: &End, watcher: Option<&Arc<dyn ChildWatcher>>) -> i32 {
+/// task (holding a clone of the loop, see [`Holds`]) and whose stdout is a
+/// pipe, then is closed or dropped. Returns the child's pid.
+fn one_loop_with_child(
+    kind: LoopKind,
+    end: &End,
+    watcher: Option<&Arc<dyn ChildWatcher>>,
+    holds: Holds,
+) -> i32 {
     let lp = EventLoop::new(kind).expect("loop");
+    let outer = lp.clone();
     let pid = lp
         .run_until_complete(async {
             let mut cmd = Command::new("sleep");
@@ -227,8 +391,12 @@ fn one_loop_with_child(kind: LoopKind, end: &End, watcher: Option<&Arc<dyn Child
             let p = cmd.spawn().expect("spawn sleep");
             let pid = p.pid();
             let me = get_running_loop().expect("running");
+            let held = match holds {
+                Holds::RunningLoop => me_clone(&p),
+                Holds::OwnerClone => Some(outer),
+            };
             me.create_task(async move {
-                let _keep = me_clone(&p);
+                let _keep = held;
                 let _ = p.wait().await;
             })
             .detach();
@@ -255,16 +423,17 @@ fn churn_children(
     end: End,
     (name, watcher): (&str, Option<Arc<dyn ChildWatcher>>),
     n: usize,
+    holds: Holds,
 ) {
     for _ in 0..5 {
-        one_loop_with_child(kind, &end, watcher.as_ref());
+        one_loop_with_child(kind, &end, watcher.as_ref(), holds);
     }
     let (fds, threads, rss) = (fd_count(), thread_count(), rss_kib());
     // Zombies left by other tests (Safe and Fast do not reap after close).
     let zombies = zombie_children();
     let mut pids = Vec::with_capacity(n);
     for _ in 0..n {
-        pids.push(one_loop_with_child(kind, &end, watcher.as_ref()));
+        pids.push(one_loop_with_child(kind, &end, watcher.as_ref(), holds));
         // Killed by the loop's end: the future that owned the Process was
         // dropped, and `kill_on_drop` acted at once.
         // SIGKILL is delivered asynchronously: give the kernel a moment (a
@@ -282,6 +451,14 @@ fn churn_children(
     while zombie_children() > zombies && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(5));
     }
+    // Every child got its status: none is left running or a zombie.
+    let left = unreaped_after(&pids, Duration::from_secs(20));
+    assert!(
+        left.is_empty(),
+        "{kind} {name}: {} of {n} children not reaped after their loop ended: {:?}",
+        left.len(),
+        &left[..left.len().min(10)]
+    );
     let (fds2, threads2, rss2) = (fd_count(), thread_count(), rss_kib());
     eprintln!(
         "{kind} {name} {}: fds {fds} -> {fds2}, threads {threads} -> {threads2}, \
@@ -304,7 +481,13 @@ fn churn_children(
 fn close_kills_kill_on_drop_children_and_leaks_nothing_default_watcher() {
     let _s = serial();
     for kind in kinds() {
-        churn_children(kind, End::Close, ("default", None), 1000);
+        churn_children(
+            kind,
+            End::Close,
+            ("default", None),
+            1000,
+            Holds::RunningLoop,
+        );
     }
 }
 
@@ -312,7 +495,7 @@ fn close_kills_kill_on_drop_children_and_leaks_nothing_default_watcher() {
 fn dropping_a_loop_kills_kill_on_drop_children_and_leaks_nothing_default_watcher() {
     let _s = serial();
     for kind in kinds() {
-        churn_children(kind, End::Drop, ("default", None), 1000);
+        churn_children(kind, End::Drop, ("default", None), 1000, Holds::RunningLoop);
     }
 }
 
@@ -336,13 +519,53 @@ fn loop_free_watchers() -> Vec<(&'static str, Arc<dyn ChildWatcher>)> {
     v
 }
 
+/// Issue 10 with children: the task parked on a `kill_on_drop` child holds
+/// a clone of its loop's owning handle, and the loop is dropped without
+/// `close()`. The task is dropped, so the child is killed and reaped.
+#[test]
+fn dropping_a_loop_whose_task_holds_a_clone_kills_and_reaps_its_child_default_watcher() {
+    let _s = serial();
+    for kind in kinds() {
+        churn_children(kind, End::Drop, ("default", None), 200, Holds::OwnerClone);
+    }
+}
+
+#[test]
+fn dropping_a_loop_whose_task_holds_a_clone_kills_and_reaps_its_child_every_loop_free_watcher() {
+    let _s = serial();
+    for (name, w) in loop_free_watchers() {
+        for kind in kinds() {
+            churn_children(
+                kind,
+                End::Drop,
+                (name, Some(Arc::clone(&w))),
+                200,
+                Holds::OwnerClone,
+            );
+        }
+        w.close();
+    }
+}
+
 #[test]
 fn close_and_drop_release_everything_with_every_loop_free_watcher() {
     let _s = serial();
     for (name, w) in loop_free_watchers() {
         for kind in kinds() {
-            churn_children(kind, End::Close, (name, Some(Arc::clone(&w))), 200);
-            churn_children(kind, End::Drop, (name, Some(Arc::clone(&w))), 200);
+            churn_children(
+                kind,
+                End::Close,
+                (name, Some(Arc::clone(&w))),
+                200,
+                Holds::RunningLoop,
+            );
+            churn_children(
+                kind,
+                End::Drop,
+                (name, Some(Arc::clone(&w))),
+                200,
+                Holds::RunningLoop,
+            );
         }
         w.close();
     }
@@ -350,10 +573,11 @@ fn close_and_drop_release_everything_with_every_loop_free_watcher() {
 
 /// Safe and Fast work through the loop they are attached to: attach each
 /// new loop before its spawn.
-fn churn_attached(kind: LoopKind, end: End, w: &Arc<dyn ChildWatcher>, n: usize) {
+fn churn_attached(kind: LoopKind, end: End, w: &Arc<dyn ChildWatcher>, n: usize, holds: Holds) {
     let one = |end: &End| {
         let lp = EventLoop::new(kind).expect("loop");
         w.attach_loop(Some(&lp));
+        let outer = lp.clone();
         let pid = lp
             .run_until_complete(async {
                 let p = Command::new("sleep")
@@ -363,9 +587,14 @@ fn churn_attached(kind: LoopKind, end: End, w: &Arc<dyn ChildWatcher>, n: usize)
                     .spawn()
                     .expect("spawn sleep");
                 let pid = p.pid();
+                let held = match holds {
+                    Holds::RunningLoop => None,
+                    Holds::OwnerClone => Some(outer),
+                };
                 get_running_loop()
                     .expect("running")
                     .create_task(async move {
+                        let _keep = held;
                         let _ = p.wait().await;
                     })
                     .detach();
@@ -407,10 +636,10 @@ fn closing_loops_with_the_safe_and_fast_watchers_attached_leaks_nothing() {
     let _s = serial();
     for kind in kinds() {
         let safe: Arc<dyn ChildWatcher> = Arc::new(SafeChildWatcher::new().expect("safe"));
-        churn_attached(kind, End::Close, &safe, 200);
+        churn_attached(kind, End::Close, &safe, 200, Holds::RunningLoop);
         safe.close();
         let fast: Arc<dyn ChildWatcher> = Arc::new(FastChildWatcher::new().expect("fast"));
-        churn_attached(kind, End::Close, &fast, 200);
+        churn_attached(kind, End::Close, &fast, 200, Holds::RunningLoop);
         fast.close();
     }
 }
@@ -420,10 +649,79 @@ fn dropping_loops_with_the_safe_and_fast_watchers_attached_leaks_nothing() {
     let _s = serial();
     for kind in kinds() {
         let safe: Arc<dyn ChildWatcher> = Arc::new(SafeChildWatcher::new().expect("safe"));
-        churn_attached(kind, End::Drop, &safe, 200);
+        churn_attached(kind, End::Drop, &safe, 200, Holds::RunningLoop);
         safe.close();
         let fast: Arc<dyn ChildWatcher> = Arc::new(FastChildWatcher::new().expect("fast"));
-        churn_attached(kind, End::Drop, &fast, 200);
+        churn_attached(kind, End::Drop, &fast, 200, Holds::RunningLoop);
         fast.close();
     }
+}
+
+#[test]
+fn dropping_loops_whose_tasks_hold_clones_with_the_safe_and_fast_watchers_attached() {
+    let _s = serial();
+    for kind in kinds() {
+        let safe: Arc<dyn ChildWatcher> = Arc::new(SafeChildWatcher::new().expect("safe"));
+        churn_attached(kind, End::Drop, &safe, 200, Holds::OwnerClone);
+        safe.close();
+        let fast: Arc<dyn ChildWatcher> = Arc::new(FastChildWatcher::new().expect("fast"));
+        churn_attached(kind, End::Drop, &fast, 200, Holds::OwnerClone);
+        fast.close();
+    }
+}
+
+/// A loop the policy owns for a thread is released when the thread exits,
+/// with its parked tasks; a destructor that then asks the policy for the
+/// thread's loop gets an error, not a panic (which would abort there).
+#[test]
+fn a_policy_owned_loop_is_released_at_thread_exit() {
+    let _s = serial();
+    struct AsksForTheLoop(Arc<Mutex<Option<bool>>>);
+    impl Drop for AsksForTheLoop {
+        fn drop(&mut self) {
+            let got = childwatch::get_event_loop();
+            *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(got.is_err());
+        }
+    }
+    let (fds, threads) = (fd_count(), thread_count());
+    let mut tids = Vec::new();
+    for _ in 0..50 {
+        let seen = Arc::new(Mutex::new(None));
+        let seen2 = Arc::clone(&seen);
+        let tid = std::thread::spawn(move || {
+            let lp = childwatch::get_event_loop().expect("created on first use");
+            let inner = lp.clone();
+            let guard = AsksForTheLoop(seen2);
+            lp.create_task(async move {
+                let _keep = (guard, inner);
+                sleep(Duration::from_secs(3600)).await;
+            })
+            .detach();
+            run_briefly(&lp, async {});
+            // Neither closed nor cleared: the thread's end releases it.
+            // SAFETY: gettid has no preconditions.
+            unsafe { libc::gettid() }
+        })
+        .join()
+        .expect("the thread ends cleanly");
+        tids.push(tid);
+        let seen = *seen.lock().unwrap_or_else(|p| p.into_inner());
+        assert_eq!(seen, Some(true), "the task was dropped at thread exit");
+    }
+    // Each thread is gone for good (its tid leaves /proc/self/task shortly
+    // after join): nothing of its loop kept it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let task_left = |t: &i32| std::path::Path::new(&format!("/proc/self/task/{t}")).exists();
+    while tids.iter().any(task_left) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let left: Vec<i32> = tids.iter().copied().filter(task_left).collect();
+    assert!(left.is_empty(), "threads still there: {left:?}");
+    let (fds2, threads2) = (fd_count(), thread_count());
+    assert!(fds2 <= fds + 2, "descriptors leaked: {fds} -> {fds2}");
+    // The test harness may start another test thread meanwhile.
+    assert!(
+        threads2 <= threads + 2,
+        "threads leaked: {threads} -> {threads2}"
+    );
 }

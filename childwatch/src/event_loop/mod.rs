@@ -22,9 +22,12 @@
 //! Closing releases everything the loop owns: the futures of its live tasks
 //! (kept in a table, `tasks.rs`, since a parked task is otherwise owned by
 //! whoever holds its waker), timers, callbacks, signal handlers and the
-//! backend. Handles from the constructors and the policy own the loop; the
-//! one `get_running_loop` returns does not, so the last owning handle going
-//! away closes the loop even when its tasks hold a handle to it.
+//! backend. As in tokio's `Runtime`/`Handle`, one kind of handle owns the
+//! loop and every other one only reaches it: the handle a constructor returns
+//! and the one the policy keeps for a thread own it; clones (and what
+//! `get_running_loop` returns) do not. So dropping the owner closes the loop
+//! even when its tasks hold clones of it, and no task can keep its own loop
+//! alive. A handle used after its loop closed gets an error saying why.
 //!
 //! A panicking callback or task never wedges the loop: the panic is caught,
 //! reported through `tracing` (as asyncio's default exception handler logs),
@@ -333,6 +336,17 @@ struct Inner {
     running: Cell<bool>,
     stopping: Cell<bool>,
     closed: Cell<bool>,
+    /// How the loop came to be closed, for the error a handle gets after.
+    closed_by: Cell<Option<ClosedBy>>,
+}
+
+/// Why a loop is closed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ClosedBy {
+    /// [`EventLoop::close`] was called.
+    Close,
+    /// Its last owning handle was dropped.
+    LastOwner,
 }
 
 /// An asyncio event loop: callbacks, timers, tasks, signals and IO on one
@@ -349,23 +363,45 @@ struct Inner {
 /// child is killed, pipes close), timers and callbacks are dropped, and the
 /// ring or epoll instance and its descriptors are released.
 ///
-/// A loop that is not closed is closed the same way when its last *owning*
-/// handle is dropped. The handles from the constructors, the policy and
-/// their clones own the loop; the handle [`get_running_loop`] gives inside
-/// the loop (and [`non_owning`](Self::non_owning), and their clones) do not.
-/// A task or callback that keeps its loop should hold a non-owning handle:
-/// an owning one inside the loop's own task is a reference cycle, and that
-/// loop is released only by `close()`.
+/// A loop that is not closed is closed the same way when its *owning* handle
+/// is dropped (as a tokio `Runtime` is; its other handles are like tokio's
+/// `Handle`):
+///
+/// * the handle a constructor returns ([`EventLoop::proactor`],
+///   [`selector`](Self::selector), [`new`](Self::new), the policy's
+///   `new_event_loop`) owns the loop;
+/// * the policy's loop for a thread is owned by the policy: `set_event_loop`
+///   takes ownership of the loop it is given (from any handle), and the
+///   loop `get_event_loop` creates on first use is owned there, so it lives
+///   until it is replaced, cleared or the thread ends;
+/// * [`clone`](Clone::clone), [`non_owning`](Self::non_owning) and the
+///   handle [`get_running_loop`] returns reach the same loop but do not keep
+///   it open.
+///
+/// So a task or callback may hold a clone of its own loop: dropping the
+/// owner still closes the loop and drops that task. A clone used after its
+/// loop closed fails with an error that says so (`run_until_complete`,
+/// `run_forever`, `add_signal_handler`), schedules nothing (`call_soon`,
+/// `call_later`, `call_at` return a cancelled [`Handle`]; `create_task`
+/// returns a task that never runs) and never panics.
+///
+/// To keep the loop open from more than one place, ask for another owning
+/// handle with [`share_ownership`](Self::share_ownership); the loop then
+/// closes when the last owning handle goes (or at `close()`).
 ///
 /// ```
 /// use std::time::Duration;
 /// let lp = childwatch::EventLoop::selector()?;
-/// let lp2 = lp.clone();
+/// let lp2 = lp.clone(); // does not keep the loop open
 /// let v = lp.run_until_complete(async move {
 ///     childwatch::sleep(Duration::from_millis(1)).await;
 ///     lp2.create_task(async { 40 + 2 }).await
 /// })?;
 /// assert_eq!(v, 42);
+/// let lp3 = lp.clone();
+/// drop(lp); // the owner: the loop is closed now
+/// assert!(lp3.is_closed());
+/// assert!(lp3.run_until_complete(async {}).is_err());
 /// # Ok::<(), std::io::Error>(())
 /// ```
 pub struct EventLoop {
@@ -375,15 +411,11 @@ pub struct EventLoop {
 }
 
 impl Clone for EventLoop {
-    /// Another handle to the same loop, owning if `self` is.
+    /// Another handle to the same loop that does not keep it open (see
+    /// [Closing and dropping](EventLoop#closing-and-dropping)); use
+    /// [`share_ownership`](EventLoop::share_ownership) for one that does.
     fn clone(&self) -> EventLoop {
-        if self.owning {
-            self.inner.owners.set(self.inner.owners.get() + 1);
-        }
-        EventLoop {
-            inner: Rc::clone(&self.inner),
-            owning: self.owning,
-        }
+        self.non_owning()
     }
 }
 
@@ -396,10 +428,10 @@ impl Drop for EventLoop {
         self.inner.owners.set(left);
         // The last owner is gone: nobody outside the loop can run it again,
         // so release what its tasks and callbacks hold, which breaks any
-        // cycle through them (a task holding a non-owning clone). A running
-        // loop closes when its run returns (`RunGuard`).
+        // cycle through them (a task holding a clone). A running loop closes
+        // when its run returns (`RunGuard`).
         if left == 0 && !self.inner.running.get() {
-            self.inner.release();
+            self.inner.release(ClosedBy::LastOwner);
         }
     }
 }
@@ -458,6 +490,7 @@ impl EventLoop {
                 running: Cell::new(false),
                 stopping: Cell::new(false),
                 closed: Cell::new(false),
+                closed_by: Cell::new(None),
             }),
         })
     }
@@ -516,8 +549,14 @@ impl EventLoop {
 
     /// Schedules `f` to run at the next iteration, after the callbacks
     /// already scheduled (FIFO).
+    ///
+    /// On a closed loop `f` is dropped at once and the handle comes back
+    /// cancelled.
     pub fn call_soon(&self, f: impl FnOnce() + 'static) -> Handle {
         let state = HandleState::new(Box::new(f));
+        if self.refuse_callback(&state, "call_soon") {
+            return Handle { state, when: None };
+        }
         self.inner
             .ready
             .borrow_mut()
@@ -533,8 +572,17 @@ impl EventLoop {
 
     /// Schedules `f` to run at `when`; timers due at the same instant run in
     /// the order they were scheduled.
+    ///
+    /// On a closed loop `f` is dropped at once and the handle comes back
+    /// cancelled.
     pub fn call_at(&self, when: Instant, f: impl FnOnce() + 'static) -> Handle {
         let state = HandleState::new(Box::new(f));
+        if self.refuse_callback(&state, "call_at") {
+            return Handle {
+                state,
+                when: Some(when),
+            };
+        }
         self.inner.timers.borrow_mut().push(when, Rc::clone(&state));
         Handle {
             state,
@@ -551,7 +599,8 @@ impl EventLoop {
 
     /// Runs `fut` as a task on this loop. It starts at the next iteration.
     ///
-    /// On a closed loop the task is cancelled at once and never runs.
+    /// On a closed loop the task is cancelled at once (`fut` is dropped) and
+    /// never runs; awaiting it never completes.
     pub fn create_task<F>(&self, fut: F) -> Task<F::Output>
     where
         F: Future + 'static,
@@ -635,14 +684,15 @@ impl EventLoop {
                 "cannot close a running event loop; call stop() and let run_forever() return first",
             ));
         }
-        self.inner.release();
+        self.inner.release(ClosedBy::Close);
         Ok(())
     }
 
-    /// A handle to this loop that does not keep it open: for the loop's own
-    /// tasks and callbacks (see [Closing and dropping](Self#closing-and-dropping)).
-    /// Once the last owning handle is dropped, the loop is closed and this
-    /// handle sees a closed loop.
+    /// A handle to this loop that does not keep it open: the same as
+    /// [`clone`](Clone::clone), spelled out (see
+    /// [Closing and dropping](Self#closing-and-dropping)). Once the owning
+    /// handle is dropped, the loop is closed and this handle sees a closed
+    /// loop.
     pub fn non_owning(&self) -> EventLoop {
         EventLoop {
             inner: Rc::clone(&self.inner),
@@ -650,7 +700,33 @@ impl EventLoop {
         }
     }
 
-    /// Whether [`close`](Self::close) was called.
+    /// Another handle that owns the loop, from any handle to it: the loop
+    /// stays open until every owning handle is dropped (or `close()` is
+    /// called). For a loop kept from several places, e.g. a struct that
+    /// outlives the function that created the loop.
+    ///
+    /// Do not store it inside the loop's own tasks or callbacks: a task that
+    /// owns its loop is a reference cycle, and that loop (with its ring or
+    /// epoll descriptors and every parked task) is then released only by
+    /// `close()`. A clone is what a task should hold.
+    ///
+    /// Errors if the loop is already closed (there is nothing left to keep
+    /// open).
+    pub fn share_ownership(&self) -> io::Result<EventLoop> {
+        if self.is_closed() {
+            return Err(self.closed_error("cannot share ownership of the event loop"));
+        }
+        Ok(self.owning_handle())
+    }
+
+    /// Whether this handle keeps the loop open (see
+    /// [Closing and dropping](Self#closing-and-dropping)).
+    pub fn is_owning(&self) -> bool {
+        self.owning
+    }
+
+    /// Whether the loop is closed: [`close`](Self::close) was called or its
+    /// owning handle was dropped.
     pub fn is_closed(&self) -> bool {
         self.inner.closed.get()
     }
@@ -663,9 +739,7 @@ impl EventLoop {
     /// `NotImplementedError` there.
     pub fn add_signal_handler(&self, sig: i32, f: impl FnMut() + 'static) -> io::Result<()> {
         if self.is_closed() {
-            return Err(io::Error::other(
-                "cannot add a signal handler to a closed event loop",
-            ));
+            return Err(self.closed_error("cannot add a signal handler"));
         }
         self.inner
             .signals
@@ -712,6 +786,43 @@ impl EventLoop {
     }
 
     // ------------------------------------------------------------ internals
+
+    /// An owning handle to this loop, from any handle (the policy keeps one
+    /// for its thread's loop). On a closed loop it owns nothing that is left.
+    pub(crate) fn owning_handle(&self) -> EventLoop {
+        self.inner.owners.set(self.inner.owners.get() + 1);
+        EventLoop {
+            inner: Rc::clone(&self.inner),
+            owning: true,
+        }
+    }
+
+    /// The error for using this loop once it is closed, saying how it came
+    /// to be closed and what to do about it. `doing` names what failed.
+    pub(crate) fn closed_error(&self, doing: &str) -> io::Error {
+        let why = match self.inner.closed_by.get() {
+            Some(ClosedBy::LastOwner) => {
+                "the event loop is closed: its owning handle (from EventLoop::proactor/selector/new \
+                 or new_event_loop) was dropped, and clones do not keep a loop open; keep that \
+                 handle alive while the loop is in use, or set it as this thread's loop with \
+                 set_event_loop"
+            }
+            _ => "the event loop is closed (close() was called); create a new one",
+        };
+        io::Error::other(format!("{doing}: {why}"))
+    }
+
+    /// On a closed loop, cancels `state` and drops its callback at once
+    /// (queued there, it would keep whatever it captured, perhaps a handle
+    /// to this very loop, until the last handle goes); true if it did.
+    fn refuse_callback(&self, state: &HandleState, what: &str) -> bool {
+        if !self.inner.closed.get() {
+            return false;
+        }
+        tracing::debug!("{what} on a closed event loop: the callback is dropped, never run");
+        drop(state.release());
+        true
+    }
 
     /// The io_uring backend, for operations that want completions.
     #[cfg(target_os = "linux")]
@@ -772,9 +883,7 @@ impl EventLoop {
 
     fn enter_running(&self) -> io::Result<RunGuard> {
         if self.inner.closed.get() {
-            return Err(io::Error::other(
-                "the event loop is closed; create a new one",
-            ));
+            return Err(self.closed_error("cannot run the event loop"));
         }
         if self.inner.running.get() {
             return Err(io::Error::other("this event loop is already running"));
@@ -917,10 +1026,11 @@ impl Inner {
     /// while the backend still works, so the IO they own is cancelled
     /// properly; destructors may queue more work, so queues are drained until
     /// they stay empty; the backend goes last.
-    fn release(&self) {
+    fn release(&self, why: ClosedBy) {
         let first = !self.closed.replace(true);
         self.shared.closed.store(true, Ordering::SeqCst);
         if first {
+            self.closed_by.set(Some(why));
             self.shared.lock().closed = true;
         }
         for _ in 0..16 {
@@ -973,7 +1083,7 @@ impl Inner {
 impl Drop for Inner {
     fn drop(&mut self) {
         // Same teardown as `close`, for a loop whose handles are all gone.
-        self.release();
+        self.release(ClosedBy::LastOwner);
     }
 }
 
@@ -988,7 +1098,7 @@ impl Drop for RunGuard {
         let _ = RUNNING.try_with(|r| r.borrow_mut().take());
         // The last owning handle went away while the loop ran.
         if self.lp.inner.owners.get() == 0 {
-            self.lp.inner.release();
+            self.lp.inner.release(ClosedBy::LastOwner);
         }
     }
 }
@@ -1220,11 +1330,52 @@ mod tests {
         let inside = lp
             .run_until_complete(async { get_running_loop().unwrap() })
             .unwrap();
-        let copy = lp.clone();
+        let owner = lp.share_ownership().unwrap();
+        assert!(owner.is_owning() && lp.is_owning() && !inside.is_owning());
         drop(lp);
-        assert!(!inside.is_closed(), "an owning clone is left");
-        drop(copy);
+        assert!(!inside.is_closed(), "a shared owner is left");
+        drop(owner);
         assert!(inside.is_closed());
+        assert!(inside.share_ownership().is_err());
+    }
+
+    #[test]
+    fn clones_do_not_keep_the_loop_open() {
+        let lp = EventLoop::selector().unwrap();
+        let copy = lp.clone();
+        assert!(!copy.is_owning());
+        assert_eq!(copy.clone(), lp);
+        drop(lp);
+        assert!(copy.is_closed());
+        let err = copy.run_until_complete(async {}).unwrap_err();
+        assert!(err.to_string().contains("owning handle"), "{err}");
+        let e2 = copy.add_signal_handler(10, || {}).unwrap_err();
+        assert!(e2.to_string().contains("owning handle"), "{e2}");
+        // Scheduling on it schedules nothing and keeps nothing.
+        let flag = Rc::new(Cell::new(0));
+        let f = Rc::clone(&flag);
+        let h = copy.call_soon(move || f.set(1));
+        assert!(h.cancelled());
+        assert_eq!(Rc::strong_count(&flag), 1);
+        let (f, keep) = (Rc::clone(&flag), copy.clone());
+        let h = copy.call_later(Duration::from_secs(1), move || {
+            let _ = &keep;
+            f.set(2);
+        });
+        assert!(h.cancelled());
+        assert_eq!(Rc::strong_count(&flag), 1);
+        assert_eq!(copy.pending_counts(), (0, 0, false));
+        let t = copy.create_task(async { 1 });
+        assert!(t.is_finished());
+        assert_eq!(copy.live_tasks(), 0);
+    }
+
+    #[test]
+    fn close_says_close_was_called() {
+        let lp = EventLoop::selector().unwrap();
+        lp.close().unwrap();
+        let err = lp.run_until_complete(async {}).unwrap_err();
+        assert!(err.to_string().contains("close() was called"), "{err}");
     }
 
     #[test]
