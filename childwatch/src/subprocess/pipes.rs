@@ -8,8 +8,9 @@
 //! does the pipe wait, in its loop's own style: an io_uring `POLL_ADD` on the
 //! proactor (one entry, kept across polls), a one-shot epoll interest on the
 //! selector. [`Reader::poll_read_spare`] reads into a `Vec`'s uninitialised
-//! spare capacity, growing it geometrically; `ChildStdout::read_to_end` is
-//! built on it.
+//! spare capacity, growing it geometrically and, on Linux, faulting its
+//! pages in a chunk ahead of the reads (see [`Prefault`]);
+//! `ChildStdout::read_to_end` is built on it.
 //!
 //! Why not a completion-based `READ` on the proactor: the kernel would write
 //! into memory the operation must own until it completes, so a borrowed
@@ -60,6 +61,86 @@ const MAX_GROWN: usize = 16;
 const BULK_WRITE: usize = 256 * 1024;
 /// Pipes grown now (process-wide).
 static GROWN: AtomicUsize = AtomicUsize::new(0);
+
+/// A `Vec` read into is pre-faulted only once its capacity reaches this: a
+/// smaller one takes few page faults (and usually reuses heap memory that is
+/// already mapped), so the extra system call would not pay.
+#[cfg(target_os = "linux")]
+const PREFAULT_FROM: usize = 2 << 20;
+/// How much of the spare capacity one pre-fault covers: small enough that
+/// the freshly zeroed pages are still in the cache when the pipe's bytes are
+/// copied over them, large enough to be a few hundred system calls per GiB.
+#[cfg(target_os = "linux")]
+const PREFAULT_CHUNK: usize = 2 << 20;
+
+/// Pre-faulting the spare capacity of the `Vec` that
+/// [`Reader::poll_read_spare`] reads into (Linux).
+///
+/// Why: a large `read_to_end` fills memory the allocator has just mapped, so
+/// every 4 KiB page of it is first touched by the kernel's copy out of the
+/// pipe: one page fault per page, taken inside `read(2)` while the pipe is
+/// locked. `madvise(MADV_POPULATE_WRITE)` on the next [`PREFAULT_CHUNK`] of
+/// spare capacity allocates the same pages in one system call, without a
+/// fault per page (measured on Linux 6.18 in a VM: a 1 GiB read took about
+/// 10-20 % less CPU and wall time; the kernel must still allocate and zero
+/// every page, which bounds the gain).
+///
+/// What was not done, measured: `MADV_HUGEPAGE` on the spare capacity splits
+/// the allocator's mapping, after which glibc can no longer grow it with
+/// `mremap` (`EFAULT`) and copies the whole `Vec` on every growth instead;
+/// `MADV_COLLAPSE` into huge pages costs more CPU than it saves.
+///
+/// Bounds: only whole pages inside the `Vec`'s own spare capacity are
+/// advised; at most `PREFAULT_CHUNK` + [`BIG_PIPE`] bytes past what is read
+/// are ever populated (RSS, not data); the first error (e.g. `EINVAL` before
+/// Linux 5.14) turns it off for this pipe. It is only a hint: what lands in
+/// the `Vec` does not depend on it.
+#[cfg(target_os = "linux")]
+struct Prefault {
+    enabled: bool,
+    /// The buffer last pre-faulted (address, capacity): another one (or the
+    /// same one moved by a reallocation) starts again from its length.
+    buf: (usize, usize),
+    /// Offset into that buffer up to which its pages were populated.
+    upto: usize,
+}
+
+#[cfg(target_os = "linux")]
+impl Prefault {
+    fn new() -> Prefault {
+        Prefault {
+            enabled: true,
+            buf: (0, 0),
+            upto: 0,
+        }
+    }
+
+    /// Populates the next [`PREFAULT_CHUNK`] of `buf`'s spare capacity when
+    /// less than one read's worth ([`BIG_PIPE`]) lies populated ahead.
+    fn ahead(&mut self, buf: &mut Vec<u8>) {
+        if !self.enabled || buf.capacity() < PREFAULT_FROM {
+            return;
+        }
+        let (len, cap) = (buf.len(), buf.capacity());
+        let addr = buf.as_ptr() as usize;
+        if self.buf != (addr, cap) || self.upto < len {
+            self.buf = (addr, cap);
+            self.upto = len;
+        }
+        if self.upto - len >= BIG_PIPE || self.upto >= cap {
+            return;
+        }
+        // End on a 4 KiB boundary of the address, so the next chunk starts
+        // on a whole page (a larger page size only costs a fault per chunk).
+        let end = ((addr + self.upto + PREFAULT_CHUNK) & !4095).saturating_sub(addr);
+        let end = end.clamp(self.upto, cap);
+        let spare = &mut buf.spare_capacity_mut()[self.upto - len..end - len];
+        match crate::sys::populate_write(spare) {
+            Ok(()) => self.upto = end,
+            Err(_) => self.enabled = false,
+        }
+    }
+}
 
 /// Whether this end grew its pipe: `Tried` once an attempt was made (grown
 /// or not), so each pipe tries once.
@@ -180,6 +261,8 @@ pub(crate) struct Reader {
     // registration) is dropped before the descriptor it refers to.
     wait: Wait,
     growth: Growth,
+    #[cfg(target_os = "linux")]
+    prefault: Prefault,
     fd: OwnedFd,
 }
 
@@ -188,6 +271,8 @@ impl Reader {
         Ok(Reader {
             wait: Wait::new(lp, &fd)?,
             growth: Growth::Default,
+            #[cfg(target_os = "linux")]
+            prefault: Prefault::new(),
             fd,
         })
     }
@@ -216,10 +301,18 @@ impl Reader {
         }
     }
 
-    /// Reads into `buf`'s spare capacity (growing it geometrically when
-    /// less than [`MIN_READ`] is spare) and extends its length by what was
+    /// Reads into `buf`'s spare capacity and extends its length by what was
     /// read; `Ok(0)` is end-of-file. Nothing is initialised first: the
     /// kernel writes straight into the allocation.
+    ///
+    /// Growth: when less than [`MIN_READ`] (64 KiB) is spare, the capacity
+    /// grows by the larger of 64 KiB and the current length, i.e. it at
+    /// least doubles (64 KiB, 128 KiB, ... 1 GiB), so the reallocations are
+    /// logarithmic in the size and their copies (if the allocator copies;
+    /// glibc moves large blocks with `mremap` instead) linear. Untouched
+    /// capacity costs address space, not memory. On Linux, once the
+    /// capacity reaches 2 MiB, the pages just ahead of the reads are faulted
+    /// in a chunk at a time (see [`Prefault`]).
     pub(crate) fn poll_read_spare(
         &mut self,
         cx: &mut Context<'_>,
@@ -228,6 +321,8 @@ impl Reader {
         if buf.capacity() - buf.len() < MIN_READ {
             buf.reserve(MIN_READ.max(buf.len()));
         }
+        #[cfg(target_os = "linux")]
+        self.prefault.ahead(buf);
         loop {
             match rustix::io::read(&self.fd, rustix::buffer::spare_capacity(buf)) {
                 Ok(n) => {
