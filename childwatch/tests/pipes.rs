@@ -282,9 +282,10 @@ async fn read_all(mut p: childwatch::Process, buf: &mut Vec<u8>) -> usize {
 
 #[test]
 fn large_read_to_end_gives_exactly_the_bytes_into_any_vec() {
-    // Past the sizes where the reader pre-faults the Vec's spare capacity:
-    // what lands in the Vec (and what was in it before) must not depend on
-    // that, whatever the Vec's length and capacity when the read starts.
+    // Past the sizes where the reader goes through a bounce buffer and
+    // pre-faults the Vec's spare capacity: what lands in the Vec (and what
+    // was in it before) must not depend on that, whatever the Vec's length
+    // and capacity when the read starts, and wherever the switch happens.
     const N: usize = (80 << 20) + 12345;
     let want = yes_bytes(N);
     for kind in kinds() {
@@ -295,8 +296,8 @@ fn large_read_to_end_gives_exactly_the_bytes_into_any_vec() {
             assert!(buf == want, "{kind}: wrong bytes into an empty Vec");
 
             // Appending: an odd-length prefix, so the spare capacity starts
-            // mid-page, in a Vec already past the pre-fault threshold.
-            let prefix: Vec<u8> = (0..(3 << 20) + 7).map(|i| (i % 251) as u8).collect();
+            // mid-page, in a Vec already past the bulk threshold (32 MiB).
+            let prefix: Vec<u8> = (0..(40 << 20) + 7).map(|i| (i % 251) as u8).collect();
             let mut buf = prefix.clone();
             assert_eq!(read_all(yes(N).spawn().expect("spawn"), &mut buf).await, N);
             assert_eq!(buf.len(), prefix.len() + N, "{kind}");
@@ -330,8 +331,8 @@ fn read_to_end_of_a_silent_child_leaves_the_vec_alone() {
             assert_eq!(read_all(silent(), &mut buf).await, 0);
             assert!(buf.is_empty(), "{kind}");
 
-            // A big Vec with room (the pre-fault path runs) and some bytes.
-            let mut buf = Vec::with_capacity(8 << 20);
+            // A big Vec with room (the bulk path runs) and some bytes.
+            let mut buf = Vec::with_capacity(40 << 20);
             buf.extend_from_slice(b"kept");
             assert_eq!(read_all(silent(), &mut buf).await, 0);
             assert_eq!(buf, b"kept", "{kind}");

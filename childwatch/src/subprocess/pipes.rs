@@ -14,8 +14,9 @@
 //! `Vec` holds bulk data (capacity of [`BULK_VEC`] or more) it reads through
 //! a small bounce buffer that stays in the CPU cache and copies from there,
 //! and on Linux faults the `Vec`'s pages in a chunk ahead of the reads (see
-//! [`Prefault`]): at 1 GiB that takes about a third less CPU than letting
-//! the kernel copy into, and fault in, fresh memory page by page.
+//! [`Prefault`]): at 1 GiB that takes about 40 % less CPU (0.75-0.85 s
+//! against 1.2-1.6 s, Linux 6.18) than letting the kernel copy into, and
+//! fault in, fresh memory page by page.
 //!
 //! Why not a completion-based `READ` on the proactor: the kernel would write
 //! into memory the operation must own until it completes, so a borrowed
@@ -68,11 +69,14 @@ const BULK_WRITE: usize = 256 * 1024;
 static GROWN: AtomicUsize = AtomicUsize::new(0);
 
 /// A `Vec` that [`Reader::poll_read_spare`] reads into counts as bulk once
-/// its capacity reaches this (2 MiB): from then on it is read through the
-/// bounce buffer and pre-faulted. A smaller one takes few page faults and
-/// usually reuses heap memory that is already mapped and cached, so the
-/// extra copy and system call would not pay.
-const BULK_VEC: usize = 2 << 20;
+/// its capacity reaches this (32 MiB): from then on it is read through the
+/// bounce buffer and pre-faulted. Past 32 MiB a `Vec` outgrows a typical L3
+/// cache, and glibc maps it afresh (its largest dynamic `mmap` threshold),
+/// so its pages fault and miss the cache. A smaller one is often heap memory
+/// reused while still mapped and cached: there the extra copy and system
+/// calls cost more than they save (measured at 10 MiB: 7 ms of CPU against
+/// 4-5 ms with a 2 MiB threshold).
+const BULK_VEC: usize = 32 << 20;
 /// The bounce buffer of a bulk read (256 KiB, allocated for the transfer
 /// and freed at end-of-file or with the pipe): it stays in the CPU's cache
 /// (a quarter of the 1 MiB L2 measured on), and costs at most 16 reads per
