@@ -18,7 +18,9 @@
 //! of them alike); each figure is the median over the repetitions. "vs
 //! blocking" divides the loop's wall time by the blocking pipe's at the same
 //! size; "CPU" is this process's user + system time (all its threads), which
-//! a loaded machine disturbs less than wall time.
+//! a loaded machine disturbs less than wall time; "faults" its minor page
+//! faults (including pages populated ahead with `madvise`), which tell a
+//! transfer into fresh memory from one into reused heap memory.
 //!
 //! Not criterion: a 1 GiB transfer takes about a second, and criterion's
 //! sampling would make one run take minutes.
@@ -216,21 +218,22 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v.get(v.len() / 2).copied().unwrap_or_default()
 }
 
-/// User + system time of this process so far.
-fn cpu_time() -> Duration {
+/// User + system time and minor page faults of this process so far.
+fn usage() -> (Duration, u64) {
     // SAFETY: getrusage only writes into the struct we pass.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: RUSAGE_SELF with a valid pointer.
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
     let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    tv(ru.ru_utime) + tv(ru.ru_stime)
+    (tv(ru.ru_utime) + tv(ru.ru_stime), ru.ru_minflt as u64)
 }
 
-/// Wall and CPU time of one transfer.
-fn measure(f: impl FnOnce() -> Duration) -> (Duration, Duration) {
-    let c0 = cpu_time();
+/// Wall time, CPU time and minor page faults of one transfer.
+fn measure(f: impl FnOnce() -> Duration) -> (Duration, Duration, u64) {
+    let (c0, f0) = usage();
     let wall = f();
-    (wall, cpu_time().saturating_sub(c0))
+    let (c1, f1) = usage();
+    (wall, c1.saturating_sub(c0), f1.saturating_sub(f0))
 }
 
 fn parse_size(s: &str) -> Option<usize> {
@@ -281,8 +284,8 @@ fn main() {
     let mut ways = vec![Way::Blocking];
     ways.extend(kinds.iter().map(|&k| Way::Loop(k)));
 
-    // (direction, way, size) -> median wall and CPU time
-    let mut rows: Vec<(&str, Way, usize, Duration, Duration)> = Vec::new();
+    // (direction, way, size) -> median wall time, CPU time and faults
+    let mut rows: Vec<(&str, Way, usize, Duration, Duration, u64)> = Vec::new();
     for &n in &sizes {
         let runs = if n >= 256 << 20 { 3 } else { 7 };
         let mut plan: Vec<(&str, Way)> = Vec::new();
@@ -294,7 +297,7 @@ fn main() {
             plan.extend(kinds.iter().map(|&k| ("read", Way::TraitPath(k))));
         }
         plan.retain(|&(dir, way)| wanted(dir, way));
-        let mut times: Vec<Vec<(Duration, Duration)>> = vec![Vec::new(); plan.len()];
+        let mut times: Vec<Vec<(Duration, Duration, u64)>> = vec![Vec::new(); plan.len()];
         for _ in 0..runs {
             for (i, &(dir, way)) in plan.iter().enumerate() {
                 times[i].push(measure(|| match (dir, way) {
@@ -311,15 +314,18 @@ fn main() {
         for (i, &(dir, way)) in plan.iter().enumerate() {
             let wall = median(times[i].iter().map(|t| t.0).collect());
             let cpu = median(times[i].iter().map(|t| t.1).collect());
-            rows.push((dir, way, n, wall, cpu));
+            let mut faults: Vec<u64> = times[i].iter().map(|t| t.2).collect();
+            faults.sort();
+            let faults = faults.get(faults.len() / 2).copied().unwrap_or(0);
+            rows.push((dir, way, n, wall, cpu, faults));
         }
     }
 
     println!(
-        "| direction | way | size | wall (s) | MiB/s | vs blocking | MiB/s vs smallest size | CPU (s) |"
+        "| direction | way | size | wall (s) | MiB/s | vs blocking | MiB/s vs smallest size | CPU (s) | faults |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
-    for &(dir, way, n, t, cpu) in &rows {
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for &(dir, way, n, t, cpu, faults) in &rows {
         let mibs = (n as f64 / (1 << 20) as f64) / t.as_secs_f64();
         let base = rows
             .iter()
@@ -335,7 +341,7 @@ fn main() {
             })
             .unwrap_or(f64::NAN);
         println!(
-            "| {dir} | {} | {} | {:.3} | {:.0} | {:.2}x | {:.2} | {:.3} |",
+            "| {dir} | {} | {} | {:.3} | {:.0} | {:.2}x | {:.2} | {:.3} | {faults} |",
             way.name(),
             human(n),
             t.as_secs_f64(),
