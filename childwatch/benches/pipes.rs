@@ -298,7 +298,9 @@ mod linux {
         // (direction, way, size) -> median wall time, CPU time and faults
         let mut rows: Vec<(&str, Way, usize, Duration, Duration, u64)> = Vec::new();
         for &n in &sizes {
-            let runs = if n >= 256 << 20 { 3 } else { 7 };
+            // A 10 MiB transfer takes about 10 ms, a few scheduler slices
+            // of whatever else runs: more repetitions steady its median.
+            let runs = if n >= 256 << 20 { 5 } else { 31 };
             let mut plan: Vec<(&str, Way)> = Vec::new();
             for dir in ["read", "stream", "write"] {
                 plan.extend(ways.iter().map(|&w| (dir, w)));
