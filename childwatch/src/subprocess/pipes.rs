@@ -96,14 +96,16 @@ const PREFAULT_CHUNK: usize = 2 << 20;
 /// pipe: one page fault per page, taken inside `read(2)` while the pipe is
 /// locked. `madvise(MADV_POPULATE_WRITE)` on the next [`PREFAULT_CHUNK`] of
 /// spare capacity allocates the same pages in one system call, without a
-/// fault per page (measured on Linux 6.18 in a VM: about 15 % less CPU for
-/// a 1 GiB read, with or without the bounce buffer; the kernel must still
+/// fault per page (measured on Linux 6.18 in a VM: 10-20 % less CPU for a
+/// 1 GiB read, with or without the bounce buffer; the kernel must still
 /// allocate and zero every page, which bounds the gain).
 ///
 /// What was not done, measured: `MADV_HUGEPAGE` on the spare capacity splits
 /// the allocator's mapping, after which glibc can no longer grow it with
 /// `mremap` (`EFAULT`) and copies the whole `Vec` on every growth instead;
-/// `MADV_COLLAPSE` into huge pages costs more CPU than it saves.
+/// `MADV_COLLAPSE` into huge pages cost more CPU than it saved; and huge
+/// pages took anywhere from a third to ten times the time of 4 KiB ones to
+/// populate, depending on whether the kernel had to compact memory first.
 ///
 /// Bounds: only whole pages inside the `Vec`'s own spare capacity are
 /// advised; at most `PREFAULT_CHUNK` + [`BIG_PIPE`] bytes past what is read
