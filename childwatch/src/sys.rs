@@ -142,6 +142,34 @@ pub(crate) fn sigchld_disposition() -> io::Result<SigchldDisposition> {
     )
 }
 
+/// Faults in, as a write would, every whole page inside `spare`
+/// (`madvise(MADV_POPULATE_WRITE)`, Linux 5.14+), so that a later `read(2)`
+/// into it takes no page fault per page. The partial pages at either end are
+/// left alone: they may hold other data. Purely a speed hint: the bytes in
+/// `spare` (uninitialised to the caller anyway) are not read, and an error
+/// (`EINVAL` on older kernels, `ENOMEM`, ...) changes nothing.
+#[cfg(target_os = "linux")]
+pub(crate) fn populate_write(spare: &mut [std::mem::MaybeUninit<u8>]) -> io::Result<()> {
+    // SAFETY: sysconf has no preconditions.
+    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+    let start = spare.as_mut_ptr() as usize;
+    let lo = start.next_multiple_of(page);
+    let hi = (start + spare.len()) / page * page;
+    if hi <= lo {
+        return Ok(());
+    }
+    // SAFETY: [lo, hi) is whole pages inside `spare`, which we borrow
+    // exclusively, so no other code's memory is touched. MADV_POPULATE_WRITE
+    // neither changes the mapping nor the bytes of pages already present; it
+    // only allocates (zeroed) the absent ones, as a write fault would.
+    let r = unsafe { libc::madvise(lo as *mut libc::c_void, hi - lo, libc::MADV_POPULATE_WRITE) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

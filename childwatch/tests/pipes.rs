@@ -258,3 +258,84 @@ fn bulk_pipes_grow_within_a_process_wide_budget() {
         );
     }
 }
+
+/// The first `n` bytes `yes abcdefg` writes (the line, repeated).
+fn yes_bytes(n: usize) -> Vec<u8> {
+    b"abcdefg\n".iter().copied().cycle().take(n).collect()
+}
+
+/// A child writing `n` bytes of `yes abcdefg` to a piped stdout.
+fn yes(n: usize) -> Command {
+    let mut c = Command::new("sh");
+    c.arg("-c").arg(format!("yes abcdefg | head -c {n}"));
+    c.stdout(Stdio::piped());
+    c
+}
+
+/// Reads `p`'s stdout to the end into `buf`, returns the count, waits for it.
+async fn read_all(mut p: childwatch::Process, buf: &mut Vec<u8>) -> usize {
+    let mut out = p.stdout.take().expect("piped");
+    let n = out.read_to_end(buf).await.expect("read");
+    assert_eq!(p.wait().await.expect("wait"), 0);
+    n
+}
+
+#[test]
+fn large_read_to_end_gives_exactly_the_bytes_into_any_vec() {
+    // Past the sizes where the reader goes through a bounce buffer and
+    // pre-faults the Vec's spare capacity: what lands in the Vec (and what
+    // was in it before) must not depend on that, whatever the Vec's length
+    // and capacity when the read starts, and wherever the switch happens.
+    const N: usize = (80 << 20) + 12345;
+    let want = yes_bytes(N);
+    for kind in kinds() {
+        run(kind, || async {
+            // An empty Vec.
+            let mut buf = Vec::new();
+            assert_eq!(read_all(yes(N).spawn().expect("spawn"), &mut buf).await, N);
+            assert!(buf == want, "{kind}: wrong bytes into an empty Vec");
+
+            // Appending: an odd-length prefix, so the spare capacity starts
+            // mid-page, in a Vec already past the bulk threshold (32 MiB).
+            let prefix: Vec<u8> = (0..(40 << 20) + 7).map(|i| (i % 251) as u8).collect();
+            let mut buf = prefix.clone();
+            assert_eq!(read_all(yes(N).spawn().expect("spawn"), &mut buf).await, N);
+            assert_eq!(buf.len(), prefix.len() + N, "{kind}");
+            assert!(buf[..prefix.len()] == prefix[..], "{kind}: prefix changed");
+            assert!(
+                buf[prefix.len()..] == want[..],
+                "{kind}: wrong bytes after a prefix"
+            );
+
+            // Spare capacity already there, large enough for all of it.
+            let mut buf = Vec::with_capacity(N + (5 << 20) + 1);
+            buf.extend_from_slice(b"head:");
+            let cap = buf.capacity();
+            assert_eq!(read_all(yes(N).spawn().expect("spawn"), &mut buf).await, N);
+            assert_eq!(buf.capacity(), cap, "{kind}: grew a Vec that had room");
+            assert!(buf[..5] == *b"head:" && buf[5..] == want[..], "{kind}");
+        });
+    }
+}
+
+#[test]
+fn read_to_end_of_a_silent_child_leaves_the_vec_alone() {
+    for kind in kinds() {
+        run(kind, || async {
+            let silent = || {
+                let mut c = Command::new("true");
+                c.stdout(Stdio::piped());
+                c.spawn().expect("spawn true")
+            };
+            let mut buf = Vec::new();
+            assert_eq!(read_all(silent(), &mut buf).await, 0);
+            assert!(buf.is_empty(), "{kind}");
+
+            // A big Vec with room (the bulk path runs) and some bytes.
+            let mut buf = Vec::with_capacity(40 << 20);
+            buf.extend_from_slice(b"kept");
+            assert_eq!(read_all(silent(), &mut buf).await, 0);
+            assert_eq!(buf, b"kept", "{kind}");
+        });
+    }
+}
