@@ -725,3 +725,208 @@ fn a_policy_owned_loop_is_released_at_thread_exit() {
         "threads leaked: {threads} -> {threads2}"
     );
 }
+
+// ---------------------------------------------------------------- descriptors at close
+
+/// Waits (a hang guard, not a timing assertion) until the process holds no
+/// more than `fds` descriptors; the count then.
+fn settle_fds(fds: usize) -> usize {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while fd_count() > fds && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    fd_count()
+}
+
+/// A loop that did some work: a task parked on a timer, a callback run, a
+/// wake-up from another thread (so the backend watches its eventfd).
+fn busy_loop(kind: LoopKind) -> EventLoop {
+    let lp = EventLoop::new(kind).expect("loop");
+    lp.create_task(sleep(Duration::from_secs(3600))).detach();
+    lp.call_soon(|| {});
+    let h = lp.handle();
+    run_briefly(&lp, async move {
+        std::thread::spawn(move || h.call_soon_threadsafe(|| {}).expect("open loop"))
+            .join()
+            .expect("thread");
+    });
+    lp
+}
+
+/// What every handle to a closed loop does: errors or nothing, no panic.
+fn use_after_close(copy: &EventLoop, handle: &childwatch::LoopHandle) {
+    assert!(copy.is_closed() && handle.is_closed());
+    let err = copy
+        .run_until_complete(async {})
+        .expect_err("running a closed loop");
+    assert!(err.to_string().contains("closed"), "{err}");
+    assert!(copy.run_forever().is_err());
+    assert!(copy.call_soon(|| {}).cancelled());
+    assert!(copy.call_later(Duration::from_millis(1), || {}).cancelled());
+    assert!(copy.create_task(async {}).is_finished());
+    assert!(copy.add_signal_handler(libc::SIGUSR2, || {}).is_err());
+    assert!(copy.share_ownership().is_err());
+    let err = handle
+        .call_soon_threadsafe(|| {})
+        .expect_err("scheduling on a closed loop");
+    assert!(err.to_string().contains("closed"), "{err}");
+    // From another thread too, where a wake-up would write the eventfd.
+    let h = handle.clone();
+    std::thread::spawn(move || {
+        assert!(h.call_soon_threadsafe(|| {}).is_err());
+        h.stop();
+    })
+    .join()
+    .expect("no panic on another thread");
+    handle.stop();
+    copy.stop();
+    copy.close().expect("closing a closed loop is fine");
+}
+
+/// Issue 10: closing (or dropping) the owner frees the loop's own
+/// descriptors — the io_uring or epoll instance and the wake-up eventfd —
+/// at once, while a clone and a `LoopHandle` of it are still alive (before,
+/// they were freed with the last handle of any kind).
+#[test]
+fn close_frees_the_loops_descriptors_while_a_clone_and_a_loop_handle_live() {
+    let _s = serial();
+    for kind in kinds() {
+        for end in [End::Close, End::Drop] {
+            drop(busy_loop(kind)); // warm-up: lazily-built process-wide state
+            let fds = fd_count();
+            let lp = busy_loop(kind);
+            assert!(fd_count() > fds, "{kind}: the loop holds descriptors");
+            let (copy, handle) = (lp.clone(), lp.handle());
+            let seen = copy.clone();
+            match end {
+                End::Close => lp.close().expect("close"),
+                End::Drop => drop(lp),
+            }
+            let after = settle_fds(fds);
+            assert_eq!(
+                after, fds,
+                "{kind}: the closed loop's descriptors are freed while handles live"
+            );
+            use_after_close(&copy, &handle);
+            assert_eq!(fd_count(), fds, "{kind}: using the handles opened nothing");
+            drop((copy, handle, seen));
+            assert_eq!(fd_count(), fds);
+        }
+    }
+}
+
+/// 1,000 loops closed (or dropped) while a clone and a `LoopHandle` of each
+/// are kept: descriptors stay flat (before issue 10's fix, each kept 2–4).
+#[test]
+fn a_thousand_closed_loops_whose_handles_are_kept_hold_no_descriptor() {
+    let _s = serial();
+    for kind in kinds() {
+        for end in [End::Close, End::Drop] {
+            drop(busy_loop(kind));
+            let fds = fd_count();
+            let mut kept = Vec::with_capacity(1000);
+            for _ in 0..1000 {
+                let lp = EventLoop::new(kind).expect("loop");
+                lp.run_until_complete(sleep(Duration::from_micros(100)))
+                    .expect("run");
+                kept.push((lp.clone(), lp.handle()));
+                match end {
+                    End::Close => lp.close().expect("close"),
+                    End::Drop => drop(lp),
+                }
+            }
+            let after = settle_fds(fds);
+            eprintln!("{kind}: 1000 closed loops with handles kept: fds {fds} -> {after}");
+            assert!(after <= fds, "{kind}: descriptors leaked: {fds} -> {after}");
+            for (copy, handle) in &kept {
+                assert!(copy.run_until_complete(async {}).is_err());
+                assert!(handle.call_soon_threadsafe(|| {}).is_err());
+            }
+            drop(kept);
+            assert!(fd_count() <= fds);
+        }
+    }
+}
+
+/// A `UringChildWatcher` watching children through a proactor loop (their
+/// pidfds polled on the loop's ring, or the loop's sentinel `WAITID`) when
+/// that loop is closed while a clone of it lives: the ring is closed at
+/// once, the children move to the watcher's own ring, and their statuses
+/// still come.
+#[test]
+fn a_uring_watchers_children_get_their_status_after_their_proactor_loop_closes() {
+    let _s = serial();
+    if !UringChildWatcher::is_supported() || EventLoop::proactor().is_err() {
+        eprintln!("skipped: no io_uring WAITID here");
+        return;
+    }
+    for budget in [1 << 16, 0] {
+        for end in [End::Close, End::Drop] {
+            let fds = fd_count();
+            let w: Arc<dyn ChildWatcher> = Arc::new(
+                UringChildWatcher::new()
+                    .expect("uring watcher")
+                    .with_fd_budget(budget),
+            );
+            let got: Arc<Mutex<Vec<(i32, i32)>>> = Arc::default();
+            let pids: Vec<i32> = (0..3)
+                .map(|_| {
+                    #[allow(clippy::zombie_processes)] // the watcher reaps it
+                    let c = std::process::Command::new("sleep")
+                        .arg("3600")
+                        .spawn()
+                        .expect("spawn sleep");
+                    c.id() as i32
+                })
+                .collect();
+            let lp = EventLoop::proactor().expect("proactor");
+            let copy = lp.clone();
+            run_briefly(&lp, async {
+                for &pid in &pids {
+                    let got = Arc::clone(&got);
+                    w.add_child_handler(
+                        pid,
+                        Box::new(move |pid, rc| {
+                            got.lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .push((pid, rc))
+                        }),
+                    )
+                    .expect("add_child_handler");
+                }
+            });
+            match end {
+                End::Close => lp.close().expect("close"),
+                End::Drop => drop(lp),
+            }
+            assert!(copy.is_closed());
+            for &pid in &pids {
+                // SAFETY: our own child, not reaped yet (nothing exited).
+                assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+            }
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while got.lock().unwrap_or_else(|p| p.into_inner()).len() < pids.len()
+                && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            let mut got = got.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            got.sort();
+            let mut want: Vec<(i32, i32)> = pids.iter().map(|&p| (p, -9)).collect();
+            want.sort();
+            assert_eq!(got, want, "budget {budget}: every status after the close");
+            assert!(unreaped_after(&pids, Duration::from_secs(10)).is_empty());
+            // The loop's ring and eventfd went at close, the pidfds with the
+            // statuses, the watcher's own ring (which took the children
+            // over) with the watcher. Only the clone of the loop is left.
+            w.close();
+            drop(w);
+            let after = settle_fds(fds);
+            assert!(
+                after <= fds,
+                "budget {budget}: descriptors {fds} -> {after}"
+            );
+            drop(copy);
+        }
+    }
+}

@@ -25,6 +25,10 @@
 //! freed when the (cancelled) completion arrives. On close every operation is
 //! cancelled, the loop waits a bounded time for the packets, and leaks
 //! whatever the kernel still owns rather than freeing it under its feet.
+//! Then the loop lets go of the port, and the loop's notifier does too, so
+//! the port is closed at `close()`, not when the last handle to the loop
+//! goes (a wait leaked at close keeps its own reference until its callback
+//! has run). Later operations fail at once with `ERROR_OPERATION_ABORTED`.
 //!
 //! A wait registration is cancelled with `UnregisterWaitEx`. The callback and
 //! the canceller race for one atomic flag in a reference-counted context that
@@ -234,7 +238,8 @@ impl Drop for OpSlot {
 }
 
 struct Inner {
-    port: Arc<Port>,
+    /// `None` once shut down (the loop is closed).
+    port: RefCell<Option<Arc<Port>>>,
     ops: RefCell<Slab<OpSlot>>,
     entries: RefCell<Vec<OVERLAPPED_ENTRY>>,
     shut_down: Cell<bool>,
@@ -282,7 +287,7 @@ impl Iocp {
         notifier.set_target(WakeTarget::Port(Arc::clone(&port)));
         Ok(Iocp {
             inner: Rc::new(Inner {
-                port,
+                port: RefCell::new(Some(port)),
                 ops: RefCell::new(Slab::with_capacity(64)),
                 entries: RefCell::new((0..BATCH).map(|_| empty_entry()).collect()),
                 shut_down: Cell::new(false),
@@ -290,12 +295,22 @@ impl Iocp {
         })
     }
 
+    /// The port, or the closed-loop error once it is released.
+    fn port(&self, doing: &str) -> io::Result<Arc<Port>> {
+        self.inner.port.borrow().clone().ok_or_else(|| {
+            io::Error::other(format!(
+                "{doing}: the event loop is closed (its completion port was released)"
+            ))
+        })
+    }
+
     /// Associates `handle` (opened with `FILE_FLAG_OVERLAPPED`) with the
     /// port, so that its overlapped IO completes here. A handle can belong
     /// to one port only, for good.
     pub(crate) fn register(&self, handle: HANDLE) -> io::Result<()> {
+        let port = self.port("cannot associate a handle with the event loop")?;
         // SAFETY: associating a caller-owned handle; no memory is involved.
-        let r = unsafe { CreateIoCompletionPort(handle, self.inner.port.handle, IO_KEY, 0) };
+        let r = unsafe { CreateIoCompletionPort(handle, port.handle, IO_KEY, 0) };
         if r.is_null() {
             return Err(last_error(
                 "CreateIoCompletionPort (associating a handle with the loop)",
@@ -428,10 +443,11 @@ impl Iocp {
                 "the event loop is closed; wait_for_handle needs an open loop",
             ));
         }
+        let port = self.port("wait_for_handle")?;
         let (key, header) = self.insert(Source::None);
         self.inner.ops.borrow_mut()[key].resources = Some(Box::new(()));
         let ctx = Arc::into_raw(Arc::new(WaitCtx {
-            port: Arc::clone(&self.inner.port),
+            port,
             header: header as usize,
             claimed: AtomicBool::new(false),
         }));
@@ -505,6 +521,11 @@ impl Iocp {
     /// Waits up to `timeout` (forever if `None`) for completions and
     /// dispatches every one available.
     pub(crate) fn poll(&self, timeout: Option<Duration>, notifier: &Notifier) -> io::Result<()> {
+        if self.inner.shut_down.get() {
+            return Err(io::Error::other(
+                "the event loop is closed: its completion port was released",
+            ));
+        }
         if self.harvest(millis(timeout))? {
             notifier.reset();
         }
@@ -513,12 +534,13 @@ impl Iocp {
 
     /// One `GetQueuedCompletionStatusEx`; returns whether a wake-up arrived.
     fn harvest(&self, ms: u32) -> io::Result<bool> {
+        let port = self.port("cannot wait for completions")?;
         let mut entries = self.inner.entries.borrow_mut();
         let mut n: u32 = 0;
         // SAFETY: `entries` has BATCH initialised elements we own.
         let ok = unsafe {
             GetQueuedCompletionStatusEx(
-                self.inner.port.handle,
+                port.handle,
                 entries.as_mut_ptr(),
                 BATCH as u32,
                 &mut n,
@@ -656,6 +678,10 @@ impl Iocp {
                  their buffers were leaked on purpose"
             );
         }
+        // Let go of the port now: with the notifier's reference (dropped
+        // right after this by the loop's close) it is closed at once.
+        let port = self.inner.port.borrow_mut().take();
+        drop(port);
     }
 }
 
@@ -880,6 +906,35 @@ mod tests {
         assert_eq!(p.in_flight(), 1);
         lp.close().unwrap();
         assert_eq!(p.in_flight(), 0);
+    }
+
+    #[test]
+    fn a_closed_port_fails_everything_at_once() {
+        let lp = EventLoop::proactor().unwrap();
+        let p = lp.iocp_backend().unwrap().clone();
+        let (r, _w) = pipe();
+        p.register(r.as_raw_handle()).unwrap();
+        lp.close().unwrap();
+        assert!(p.port("test").is_err(), "the port was let go at close");
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let mut op = Box::pin(p.read(r.as_raw_handle(), Vec::with_capacity(8)));
+        let Poll::Ready((res, buf)) = op.as_mut().poll(&mut cx) else {
+            panic!("a read on a closed port completes at once");
+        };
+        assert_eq!(
+            res.unwrap_err().raw_os_error(),
+            Some(ERROR_OPERATION_ABORTED as i32)
+        );
+        assert_eq!(buf.capacity(), 8);
+        let (r2, _w2) = pipe();
+        assert!(p.register(r2.as_raw_handle()).is_err());
+        let ev = event();
+        // SAFETY: `ev` outlives the call (which fails at once).
+        assert!(unsafe { p.wait_for_handle(ev.as_raw_handle(), None) }.is_err());
+        assert_eq!(p.in_flight(), 0);
+        assert!(lp.handle().call_soon_threadsafe(|| {}).is_err());
+        lp.handle().stop();
     }
 
     fn event() -> OwnedHandle {

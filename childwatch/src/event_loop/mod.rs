@@ -21,13 +21,17 @@
 //!
 //! Closing releases everything the loop owns: the futures of its live tasks
 //! (kept in a table, `tasks.rs`, since a parked task is otherwise owned by
-//! whoever holds its waker), timers, callbacks, signal handlers and the
-//! backend. As in tokio's `Runtime`/`Handle`, one kind of handle owns the
-//! loop and every other one only reaches it: the handle a constructor returns
-//! and the one the policy keeps for a thread own it; clones (and what
-//! `get_running_loop` returns) do not. So dropping the owner closes the loop
-//! even when its tasks hold clones of it, and no task can keep its own loop
-//! alive. A handle used after its loop closed gets an error saying why.
+//! whoever holds its waker), timers, callbacks, signal handlers, and the
+//! backend's OS resources: the io_uring, epoll instance or completion port
+//! and the wake-up eventfd are closed at once, as asyncio's `close()` closes
+//! its selector or proactor, however many handles (clones, `LoopHandle`s,
+//! watchers' state) still point at the loop. As in tokio's
+//! `Runtime`/`Handle`, one kind of handle owns the loop and every other one
+//! only reaches it: the handle a constructor returns and the one the policy
+//! keeps for a thread own it; clones (and what `get_running_loop` returns)
+//! do not. So dropping the owner closes the loop even when its tasks hold
+//! clones of it, and no task can keep its own loop alive. A handle used
+//! after its loop closed gets an error saying why.
 //!
 //! A panicking callback or task never wedges the loop: the panic is caught,
 //! reported through `tracing` (as asyncio's default exception handler logs),
@@ -361,7 +365,8 @@ enum ClosedBy {
 /// [`close`](Self::close) releases everything the loop holds: the futures of
 /// its parked tasks are dropped (their destructors run: a `kill_on_drop`
 /// child is killed, pipes close), timers and callbacks are dropped, and the
-/// ring or epoll instance and its descriptors are released.
+/// ring or epoll instance and the wake-up eventfd are closed, at once: a
+/// clone or [`LoopHandle`] kept afterwards holds no descriptor.
 ///
 /// A loop that is not closed is closed the same way when its *owning* handle
 /// is dropped (as a tokio `Runtime` is; its other handles are like tokio's
@@ -675,7 +680,8 @@ impl EventLoop {
     /// Closes the loop: drops the futures of its unfinished tasks (their
     /// destructors run here: a `kill_on_drop` child is killed, pipes close),
     /// drops pending callbacks and timers, removes its signal handlers,
-    /// cancels its IO and releases its ring or epoll instance. Closing twice
+    /// cancels its IO and closes its ring or epoll instance and its wake-up
+    /// eventfd (even while clones or [`LoopHandle`]s exist). Closing twice
     /// is fine; closing a running loop is an error. A task of a closed loop
     /// never completes.
     pub fn close(&self) -> io::Result<()> {
@@ -1068,6 +1074,10 @@ impl Inner {
                 s.clear();
             }
             self.backend.close();
+            // The backend no longer watches the wake-up eventfd: close it
+            // too (safe against other threads' and signal handlers' wake-ups,
+            // see notify.rs), so that no descriptor waits for the last handle.
+            self.shared.notifier.close();
             // Completions the backend delivered while shutting down woke
             // tasks that are now dropped; nothing else is left to run.
             self.tasks.cancel_all();

@@ -19,6 +19,16 @@
 //! finished, their resources are leaked rather than freed under the
 //! kernel's feet.
 //!
+//! # Closing
+//!
+//! [`Proactor::shutdown`] (the loop's `close()`) cancels what is in flight,
+//! waits a bounded time for the kernel, then closes the io_uring at once:
+//! its descriptor and mappings do not wait for the last handle to the loop
+//! (a clone, a child watcher's task state). The operation table stays, so
+//! every later use (submit, poll, cancel, `in_flight`) works as it did
+//! after shutdown before: new operations complete with `ECANCELED` at once
+//! and never reach a kernel.
+//!
 //! # Wake-ups
 //!
 //! The loop's [`Notifier`] eventfd is watched by a one-shot `POLL_ADD`, re-armed
@@ -173,7 +183,8 @@ impl Proactor {
 
     fn arm_wake(&self, notifier: &Notifier) {
         if !self.inner.wake_armed.get() {
-            // The notifier's eventfd lives as long as the loop.
+            // The notifier's eventfd is open until the loop closes, which
+            // closes this ring first.
             let poll = Plain::PollAdd {
                 fd: notifier.as_raw_fd(),
                 events: libc::POLLIN as u32,
@@ -185,7 +196,13 @@ impl Proactor {
 
     /// Submits what is queued, waits up to `timeout` (forever if `None`) for
     /// at least one completion, and dispatches every completion available.
+    /// Fails once the proactor is shut down (its ring is closed).
     pub(crate) fn poll(&self, timeout: Option<Duration>, notifier: &Notifier) -> io::Result<()> {
+        if self.inner.shut_down.get() {
+            return Err(io::Error::other(
+                "the event loop is closed: its io_uring was released",
+            ));
+        }
         self.arm_wake(notifier);
         let wait = match timeout {
             Some(t) if t.is_zero() => Wait::No,
@@ -256,10 +273,11 @@ impl Proactor {
             .count()
     }
 
-    /// Cancels everything in flight and waits (bounded) for the kernel to
-    /// finish with it. Operations still in the kernel after the grace
-    /// period fail with `ECANCELED`; their resources stay with the ring
-    /// core, which never frees them before their completion.
+    /// Cancels everything in flight, waits (bounded) for the kernel to
+    /// finish with it, and closes the io_uring. Operations still in the
+    /// kernel after the grace period fail with `ECANCELED`; the ring core
+    /// leaks their resources as it closes rather than free them under the
+    /// kernel. Later operations complete with `ECANCELED` at once.
     pub(crate) fn shutdown(&self) {
         if self.inner.shut_down.replace(true) {
             return;
@@ -304,10 +322,14 @@ impl Proactor {
             if !stuck.is_empty() {
                 tracing::warn!(
                     "io_uring torn down with {} operation(s) the kernel did not finish; \
-                     their buffers are leaked on purpose unless the kernel finishes later",
+                     their buffers are leaked on purpose",
                     stuck.len()
                 );
             }
+            // Now, not when the last handle goes: asyncio's close() closes
+            // its proactor at once too.
+            ring.close();
+            self.inner.wake_armed.set(false);
         }
         for w in wakers {
             w.wake();
@@ -358,7 +380,7 @@ impl<R: 'static> Future for Op<R> {
         this.finished = true;
         let Some((_, Some(output))) = ring.take(&this.ticket, res) else {
             // Failed at shutdown while the kernel still had it: its
-            // resources stay with the ring core, nothing to return.
+            // resources were leaked by the ring core, nothing to return.
             return Poll::Pending;
         };
         let out = if res < 0 {
@@ -397,6 +419,7 @@ impl<R: 'static> Drop for Op<R> {
 
 #[cfg(test)]
 mod tests {
+    use std::future::Future;
     use std::os::fd::AsRawFd;
 
     use crate::EventLoop;
@@ -464,5 +487,31 @@ mod tests {
         assert_eq!(p.in_flight(), 1);
         lp.close().unwrap();
         assert_eq!(p.in_flight(), 0);
+    }
+
+    #[test]
+    fn a_closed_proactor_completes_everything_at_once_with_ecanceled() {
+        let lp = EventLoop::proactor().unwrap();
+        let p = lp.proactor_backend().unwrap().clone();
+        let (r, w) = pipe();
+        lp.close().unwrap();
+        let waker = futures_util::task::noop_waker();
+        let mut cx = std::task::Context::from_waker(&waker);
+        let mut op = Box::pin(p.read(r.as_raw_fd(), Vec::with_capacity(8)));
+        let std::task::Poll::Ready((res, buf)) = op.as_mut().poll(&mut cx) else {
+            panic!("a read on a closed proactor completes at once");
+        };
+        assert_eq!(res.unwrap_err().raw_os_error(), Some(libc::ECANCELED));
+        assert_eq!(buf.capacity(), 8, "the buffer comes back");
+        let mut op = Box::pin(p.write(w.as_raw_fd(), b"x".to_vec(), 0));
+        assert!(op.as_mut().poll(&mut cx).is_ready());
+        let mut op = Box::pin(p.poll_add(r.as_raw_fd(), libc::POLLIN as u32));
+        assert!(op.as_mut().poll(&mut cx).is_ready());
+        // Dropped unpolled: nothing to cancel, nothing left.
+        drop(p.read(r.as_raw_fd(), Vec::with_capacity(8)));
+        assert_eq!(p.in_flight(), 0);
+        let n = super::super::notify::Notifier::new().unwrap();
+        assert!(p.poll(Some(std::time::Duration::ZERO), &n).is_err());
+        p.shutdown();
     }
 }

@@ -6,6 +6,11 @@
 //! time a reader or writer has to wait, so a descriptor nobody waits on costs
 //! nothing per iteration.
 //!
+//! Closing the loop ([`Selector::shutdown`]) closes the epoll instance at
+//! once, as asyncio's `close()` closes its selector: waiting or registering
+//! afterwards fails with a closed-loop error, and a [`Source`] dropped later
+//! just forgets its slot.
+//!
 //! Choose it when io_uring is unavailable (old kernels, seccomp sandboxes,
 //! `kernel.io_uring_disabled`) or when readiness semantics are wanted.
 //!
@@ -68,7 +73,8 @@ struct SourceState {
 }
 
 struct Inner {
-    poller: Arc<Poller>,
+    /// `None` once the loop is closed (the epoll instance is closed then).
+    poller: RefCell<Option<Arc<Poller>>>,
     events: RefCell<Events>,
     sources: RefCell<Slab<SourceState>>,
     #[cfg(unix)]
@@ -111,7 +117,7 @@ impl Selector {
             notifier.set_target(super::notify::WakeTarget::Poller(Arc::clone(&poller)));
             Ok(Selector {
                 inner: Rc::new(Inner {
-                    poller,
+                    poller: RefCell::new(Some(poller)),
                     events: RefCell::new(Events::new()),
                     sources: RefCell::new(Slab::new()),
                     shut_down: std::cell::Cell::new(false),
@@ -126,12 +132,13 @@ impl Selector {
 
     #[cfg(unix)]
     fn with_notify_fd(poller: Arc<Poller>, notify_fd: RawFd) -> io::Result<Selector> {
-        // SAFETY: the notifier lives in the loop's shared state, which outlives
-        // this selector; the registration is removed in `Drop for Inner`.
+        // SAFETY: the notifier's eventfd stays open until the loop closes,
+        // which closes this poller first (`shutdown`); a poller dropped
+        // otherwise removes the registration in `Drop for Inner`.
         unsafe { poller.add(notify_fd, Event::readable(NOTIFY_KEY))? };
         Ok(Selector {
             inner: Rc::new(Inner {
-                poller,
+                poller: RefCell::new(Some(poller)),
                 events: RefCell::new(Events::new()),
                 sources: RefCell::new(Slab::new()),
                 notify_fd,
@@ -140,13 +147,22 @@ impl Selector {
         })
     }
 
-    /// Waits up to `timeout` (forever if `None`) and wakes every reader and
-    /// writer whose descriptor became ready.
-    pub(crate) fn poll(&self, timeout: Option<Duration>, notifier: &Notifier) -> io::Result<()> {
-        let mut events = self.inner.events.borrow_mut();
-        events.clear();
+    /// The epoll instance, or the closed-loop error once it is closed.
+    fn poller(&self, doing: &str) -> io::Result<Arc<Poller>> {
         self.inner
             .poller
+            .borrow()
+            .clone()
+            .ok_or_else(|| closed_error(doing))
+    }
+
+    /// Waits up to `timeout` (forever if `None`) and wakes every reader and
+    /// writer whose descriptor became ready. Fails once the loop is closed.
+    pub(crate) fn poll(&self, timeout: Option<Duration>, notifier: &Notifier) -> io::Result<()> {
+        let poller = self.poller("cannot wait for IO")?;
+        let mut events = self.inner.events.borrow_mut();
+        events.clear();
+        poller
             .wait(&mut events, timeout)
             .map_err(|e| io::Error::new(e.kind(), format!("epoll_wait failed: {e}")))?;
         let mut wakers = Vec::new();
@@ -182,7 +198,7 @@ impl Selector {
                     let interest = interest_of(ev.key, st);
                     // SAFETY: the fd is registered and open while its Source lives.
                     let fd = unsafe { borrow_raw(st.fd) };
-                    let _ = self.inner.poller.modify(fd, interest);
+                    let _ = poller.modify(fd, interest);
                 }
             }
         }
@@ -190,10 +206,10 @@ impl Selector {
         #[cfg(unix)]
         if woke {
             notifier.reset();
-            // SAFETY: the notifier fd is open for the loop's lifetime.
+            // SAFETY: the notifier fd is open until the loop closes, and a
+            // closed loop's selector never gets here (no poller).
             let fd = unsafe { BorrowedFd::borrow_raw(self.inner.notify_fd) };
-            self.inner
-                .poller
+            poller
                 .modify(fd, Event::readable(NOTIFY_KEY))
                 .map_err(|e| {
                     io::Error::new(e.kind(), format!("cannot re-arm the wake-up fd: {e}"))
@@ -209,9 +225,15 @@ impl Selector {
     /// that their tasks are dropped (their loop refuses to run them) and
     /// release their sources. Without this, a task waiting on a descriptor
     /// and the selector would keep each other alive forever through the
-    /// stored waker. Waiting afterwards fails at once.
+    /// stored waker. Then closes the epoll instance (its descriptor does not
+    /// wait for the last handle to the loop). Waiting or registering
+    /// afterwards fails at once.
     pub(crate) fn shutdown(&self) {
         self.inner.shut_down.set(true);
+        // No need to deregister anything: closing the instance drops every
+        // registration (the notifier's and the sources' still alive).
+        let poller = self.inner.poller.borrow_mut().take();
+        drop(poller);
         let wakers: Vec<Waker> = self
             .inner
             .sources
@@ -232,12 +254,13 @@ impl Selector {
     /// `fd` must stay open until the returned [`Source`] is dropped.
     #[cfg_attr(windows, allow(dead_code))] // no socket API uses it on Windows yet
     pub(crate) unsafe fn register(&self, fd: RawSource) -> io::Result<Source> {
+        let poller = self.poller("cannot register a descriptor")?;
         let key = self.inner.sources.borrow_mut().insert(SourceState {
             fd,
             ..SourceState::default()
         });
         // SAFETY: forwarded from this function's contract.
-        if let Err(e) = unsafe { self.inner.poller.add(fd, Event::none(key)) } {
+        if let Err(e) = unsafe { poller.add(fd, Event::none(key)) } {
             self.inner.sources.borrow_mut().remove(key);
             return Err(io::Error::new(
                 e.kind(),
@@ -258,13 +281,24 @@ fn interest_of(key: usize, st: &SourceState) -> Event {
     ev
 }
 
+/// The error for using a selector whose loop is closed.
+fn closed_error(doing: &str) -> io::Error {
+    io::Error::other(format!(
+        "{doing}: the event loop is closed (its epoll instance was released)"
+    ))
+}
+
 #[cfg(unix)]
 impl Drop for Inner {
     fn drop(&mut self) {
-        // SAFETY: the notifier fd is still open: the loop's shared state is
-        // dropped after its backend.
-        let fd = unsafe { BorrowedFd::borrow_raw(self.notify_fd) };
-        let _ = self.poller.delete(fd);
+        // Only a selector dropped without its loop closing still has its
+        // poller; the notifier fd is then still open (the loop's shared
+        // state is dropped after its backend).
+        if let Some(poller) = self.poller.get_mut().take() {
+            // SAFETY: see above.
+            let fd = unsafe { BorrowedFd::borrow_raw(self.notify_fd) };
+            let _ = poller.delete(fd);
+        }
     }
 }
 
@@ -306,7 +340,11 @@ impl Source {
             let interest = interest_of(self.key, st);
             // SAFETY: the fd is open while this Source lives (register's contract).
             let fd = unsafe { borrow_raw(st.fd) };
-            if let Err(e) = self.selector.inner.poller.modify(fd, interest) {
+            let poller = self.selector.inner.poller.borrow();
+            let Some(poller) = poller.as_ref() else {
+                return Poll::Ready(Err(closed_error("cannot wait for IO")));
+            };
+            if let Err(e) = poller.modify(fd, interest) {
                 return Poll::Ready(Err(io::Error::new(
                     e.kind(),
                     format!("cannot arm epoll interest: {e}"),
@@ -319,9 +357,19 @@ impl Source {
 
 impl Drop for Source {
     fn drop(&mut self) {
-        let st = self.selector.inner.sources.borrow_mut().remove(self.key);
-        // SAFETY: the fd is still open (register's contract).
-        let fd = unsafe { borrow_raw(st.fd) };
-        let _ = self.selector.inner.poller.delete(fd);
+        let st = self
+            .selector
+            .inner
+            .sources
+            .borrow_mut()
+            .try_remove(self.key);
+        // A closed loop's epoll instance is gone, and its registrations
+        // with it: nothing to deregister.
+        let poller = self.selector.inner.poller.borrow();
+        if let (Some(st), Some(poller)) = (st, poller.as_ref()) {
+            // SAFETY: the fd is still open (register's contract).
+            let fd = unsafe { borrow_raw(st.fd) };
+            let _ = poller.delete(fd);
+        }
     }
 }

@@ -19,8 +19,11 @@
 //!   its table, where it stays until the kernel posts its completion. What
 //!   its submitter gets back on completion is the operation (or what it
 //!   turns into) itself. Removing a slot early leaves a tombstone holding the
-//!   memory until the completion; dropping the ring leaks whatever the
-//!   kernel did not finish rather than freeing it under the kernel's feet.
+//!   memory until the completion; closing (or dropping) the ring leaks
+//!   whatever the kernel did not finish rather than freeing it under the
+//!   kernel's feet. A closed ring keeps its table, so that operations
+//!   submitted after it (which never reach a kernel) still hand back what
+//!   they own.
 //!   Every operation is one-shot: after its completion the kernel never
 //!   touches its memory again.
 //!
@@ -229,7 +232,8 @@ fn finish_keeping<O: RingOp, K: 'static>(held: Box<dyn Any>, res: i32) -> Option
 /// A ring with a table owning each operation until its completion, and a
 /// per-operation state `S` for the submitter (the proactor's wakers).
 pub(crate) struct OpRing<S> {
-    queue: Queue,
+    /// The io_uring itself; `None` once [`close`](Self::close)d.
+    queue: Option<Queue>,
     table: Slab<Slot<S>>,
 }
 
@@ -238,9 +242,42 @@ impl<S> OpRing<S> {
     /// entries (the kernel buffers completions beyond it).
     pub(crate) fn new(sq_entries: u32, cq_entries: u32) -> io::Result<OpRing<S>> {
         Ok(OpRing {
-            queue: Queue::new(sq_entries, cq_entries)?,
+            queue: Some(Queue::new(sq_entries, cq_entries)?),
             table: Slab::with_capacity(64),
         })
+    }
+
+    /// Closes the io_uring now (its descriptor and mappings) and keeps the
+    /// table. Memory of operations the kernel did not finish is leaked: the
+    /// kernel tears a closed ring down asynchronously and may still write
+    /// into it. Their slots stay, with nothing left to give back; every
+    /// later operation must be submitted with `to_kernel` false.
+    pub(crate) fn close(&mut self) {
+        if self.queue.is_none() {
+            return;
+        }
+        self.leak_in_kernel();
+        self.queue = None;
+    }
+
+    /// Leaks the memory of every operation the kernel may still use, and
+    /// frees the tombstones among them (nobody is waiting for those).
+    fn leak_in_kernel(&mut self) {
+        let mut tombstones = Vec::new();
+        for (key, slot) in self.table.iter_mut() {
+            if slot.in_kernel {
+                if let Some(h) = slot.held.take() {
+                    std::mem::forget(h);
+                }
+                slot.in_kernel = false;
+                if slot.state.is_none() {
+                    tombstones.push(key);
+                }
+            }
+        }
+        for key in tombstones {
+            self.table.remove(key);
+        }
     }
 
     /// Moves `op` into the table with `state` and, if `to_kernel`, queues
@@ -283,6 +320,11 @@ impl<S> OpRing<S> {
         state: S,
         to_kernel: bool,
     ) -> usize {
+        debug_assert!(
+            !to_kernel || self.queue.is_some(),
+            "an operation submitted to a closed ring"
+        );
+        let to_kernel = to_kernel && self.queue.is_some();
         let mut held = Box::new((op, keep));
         let entry = held.0.entry();
         let key = self.table.insert(Slot {
@@ -294,38 +336,49 @@ impl<S> OpRing<S> {
             (key as u64) < FIRST_TAG,
             "io_uring operation table overflow"
         );
-        if to_kernel {
+        if let (true, Some(queue)) = (to_kernel, self.queue.as_mut()) {
             // SAFETY: the entry points only into heap memory owned by the
             // operation (`Sealed::entry`), which now lives in the table under
             // `key` (moving the box does not move that memory) and leaves it
             // only once a completion tagged `key` was seen (`drain`), or is
-            // leaked with the ring. Keys below FIRST_TAG are never used by
-            // tagged entries, so no other completion can carry `key`.
-            unsafe { self.queue.push(entry.user_data(key as u64)) };
+            // leaked when the ring closes. Keys below FIRST_TAG are never
+            // used by tagged entries, so no other completion can carry `key`.
+            unsafe { queue.push(entry.user_data(key as u64)) };
         }
         key
     }
 
     /// Queues a plain operation tagged `tag`, which must be `>= FIRST_TAG`
-    /// so that its completion cannot be taken for a table operation's.
+    /// so that its completion cannot be taken for a table operation's. On
+    /// a closed ring it is dropped (nothing runs it).
     pub(crate) fn push_tagged(&mut self, mut op: Plain, tag: u64) {
         assert!(tag >= FIRST_TAG, "tag {tag} collides with operation keys");
+        let Some(queue) = self.queue.as_mut() else {
+            return;
+        };
         let entry = op.entry().user_data(tag);
         // SAFETY: a `Plain` entry carries no pointer.
-        unsafe { self.queue.push(entry) };
+        unsafe { queue.push(entry) };
     }
 
-    /// Hands what is queued to the kernel and waits as `wait` says.
+    /// Hands what is queued to the kernel and waits as `wait` says. A
+    /// closed ring fails with `EBADF`.
     pub(crate) fn enter(&mut self, wait: Wait) -> io::Result<usize> {
-        self.queue.enter(wait)
+        match self.queue.as_mut() {
+            Some(queue) => queue.enter(wait),
+            None => Err(io::Error::from_raw_os_error(libc::EBADF)),
+        }
     }
 
     /// Appends every completion available as `(user_data, result)`; the
     /// operations completed are the kernel's no more, and tombstones among
     /// them are freed.
     pub(crate) fn drain(&mut self, out: &mut Vec<(u64, i32)>) {
+        let Some(queue) = self.queue.as_mut() else {
+            return;
+        };
         let start = out.len();
-        self.queue.drain(out);
+        queue.drain(out);
         for &(tag, _) in &out[start..] {
             if tag >= FIRST_TAG {
                 continue;
@@ -381,14 +434,8 @@ impl<S> OpRing<S> {
 impl<S> Drop for OpRing<S> {
     fn drop(&mut self) {
         // The kernel may still write into these after the ring is closed:
-        // never free them.
-        for (_, slot) in self.table.iter_mut() {
-            if slot.in_kernel {
-                if let Some(h) = slot.held.take() {
-                    std::mem::forget(h);
-                }
-            }
-        }
+        // never free them (the queue, a field, closes after this).
+        self.leak_in_kernel();
     }
 }
 

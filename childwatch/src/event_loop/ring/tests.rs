@@ -152,3 +152,37 @@ fn tagged_entries_cannot_use_operation_keys() {
     let mut ring = OpRing::<()>::new(8, 16).unwrap();
     ring.push_tagged(Plain::Cancel { user_data: 1 }, 0);
 }
+
+#[test]
+fn a_closed_ring_leaks_what_the_kernel_holds_and_keeps_its_table() {
+    // (That closing frees the descriptor is checked from the outside, one
+    // test at a time, in tests/loop_lifecycle.rs.)
+    let (r, w) = pipe();
+    let mut ring = OpRing::<u8>::new(8, 16).unwrap();
+    let pending = ring.submit(Read::new(r.as_raw_fd(), Vec::with_capacity(64)), 1, true);
+    let removed = ring.submit(Read::new(r.as_raw_fd(), Vec::with_capacity(64)), 2, true);
+    ring.enter(Wait::No).unwrap();
+    assert_eq!(ring.remove(removed.key()), Some(2));
+    ring.close();
+    // The kernel still had the read: its state is there, its buffer leaked
+    // (nothing comes back), and the tombstone of the removed one is gone.
+    assert_eq!(ring.states().count(), 1);
+    let (state, buf) = ring.take(&pending, -libc::ECANCELED).unwrap();
+    assert_eq!((state, buf.is_none()), (1, true));
+    assert_eq!(ring.states().count(), 0);
+    // Writing now must not touch freed memory (under a sanitizer).
+    rustix::io::write(&w, b"late").unwrap();
+    // Later operations never reach a kernel and come back with what they own.
+    let t = ring.submit_keeping(WaitIdAll::new(), "kept", 3, false);
+    let (state, out) = ring.take(&t, -libc::ECANCELED).unwrap();
+    assert_eq!((state, out.unwrap().1), (3, "kept"));
+    ring.push_tagged(Plain::Nop, super::FIRST_TAG);
+    assert_eq!(
+        ring.enter(Wait::No).unwrap_err().raw_os_error(),
+        Some(libc::EBADF)
+    );
+    let mut cqes = Vec::new();
+    ring.drain(&mut cqes);
+    assert!(cqes.is_empty());
+    ring.close();
+}
