@@ -1622,3 +1622,55 @@ fn a_host_driver_harvests_without_a_reaper_thread() {
         w.close();
     }
 }
+
+/// Spawns `sh -c 'exit 7'` under `w` on the selector loop `b` and waits up to
+/// 30 s for its status (`None`: never reported).
+fn exit_7_on(b: &EventLoop, w: &Arc<UringChildWatcher>) -> Option<i32> {
+    let w: Arc<dyn ChildWatcher> = Arc::clone(w) as Arc<dyn ChildWatcher>;
+    b.run_until_complete(async move {
+        let p = childwatch::create_subprocess_exec("sh", ["-c", "exit 7"])
+            .watcher(w)
+            .spawn()
+            .unwrap();
+        let wait = std::pin::pin!(p.wait());
+        let limit = std::pin::pin!(childwatch::sleep(Duration::from_secs(30)));
+        match futures_util::future::select(wait, limit).await {
+            futures_util::future::Either::Left((r, _)) => Some(r.unwrap()),
+            futures_util::future::Either::Right(_) => None,
+        }
+    })
+    .unwrap()
+}
+
+/// Selector loop A registers a child and goes idle before its next
+/// iteration; a registration on selector loop B (same thread or another)
+/// must still reach the kernel at once, not when A runs again.
+#[test]
+fn an_idle_selector_loop_does_not_hold_back_another_loops_children() {
+    let _g = shared();
+    for budget in BUDGETS {
+        let w = Arc::new(watcher(budget));
+        let a = EventLoop::selector().unwrap();
+        let wa: Arc<dyn ChildWatcher> = Arc::clone(&w) as Arc<dyn ChildWatcher>;
+        let pa = a
+            .run_until_complete(async move {
+                childwatch::create_subprocess_exec("sh", ["-c", "exit 3"])
+                    .watcher(wa)
+                    .spawn()
+                    .unwrap()
+            })
+            .unwrap();
+        let b = EventLoop::selector().unwrap();
+        assert_eq!(exit_7_on(&b, &w), Some(7), "same thread, budget {budget}");
+        let w2 = Arc::clone(&w);
+        let other = thread::spawn(move || exit_7_on(&EventLoop::selector().unwrap(), &w2));
+        assert_eq!(
+            other.join().unwrap(),
+            Some(7),
+            "other thread, budget {budget}"
+        );
+        // A's own child is reported once A runs again.
+        assert_eq!(a.run_until_complete(pa.wait()).unwrap().unwrap(), 3);
+        w.close();
+    }
+}

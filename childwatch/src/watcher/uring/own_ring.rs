@@ -73,10 +73,11 @@ pub(super) struct Core {
     pub(super) hosts: usize,
     threads: Vec<JoinHandle<()>>,
     pub(super) closing: bool,
-    /// A flush is queued as a callback on a selector loop that harvests
-    /// this ring: registrations made in one loop iteration reach the kernel
-    /// in one `io_uring_enter`.
-    flush_queued: bool,
+    /// The selector loops that harvest this ring and have a flush queued as
+    /// a callback: registrations made on such a loop in one iteration reach
+    /// the kernel in one `io_uring_enter`. Per loop: a flush queued on an
+    /// idle loop must not hold back another loop's registrations.
+    flush_queued: Vec<LoopHandle>,
 }
 
 /// The watcher's own io_uring, shared by whoever harvests it.
@@ -107,7 +108,7 @@ impl OwnRing {
                 hosts: 0,
                 threads: Vec::new(),
                 closing: false,
-                flush_queued: false,
+                flush_queued: Vec::new(),
             }),
         })
     }
@@ -280,9 +281,10 @@ pub(super) fn watch(
         // (a callback runs before the loop sleeps again), not once per
         // child. Anyone else who flushes meanwhile submits it too.
         (Some(lp), Ok(())) => {
-            if !core.flush_queued {
-                core.flush_queued = true;
-                let flush = QueuedFlush(Arc::clone(&ring));
+            let h = lp.handle();
+            if !core.flush_queued.iter().any(|l| l.same_loop(&h)) {
+                core.flush_queued.push(h.clone());
+                let flush = QueuedFlush(Arc::clone(&ring), h);
                 lp.call_soon(move || drop(flush));
             }
         }
@@ -302,12 +304,12 @@ pub(super) fn watch(
 /// The flush a selector loop runs at its next iteration. It flushes when
 /// dropped, so a loop that stops or closes before running it still hands
 /// the queued entries to the kernel.
-struct QueuedFlush(Arc<OwnRing>);
+struct QueuedFlush(Arc<OwnRing>, LoopHandle);
 
 impl Drop for QueuedFlush {
     fn drop(&mut self) {
         let mut core = self.0.lock();
-        core.flush_queued = false;
+        core.flush_queued.retain(|l| !l.same_loop(&self.1));
         core.flush();
     }
 }
