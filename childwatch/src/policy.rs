@@ -83,6 +83,34 @@ struct LocalState {
 
 thread_local! {
     static LOCAL: RefCell<HashMap<u64, LocalState>> = RefCell::new(HashMap::new());
+    /// The value of [`DROPPED_EPOCH`] this thread last purged at.
+    static PURGED_AT: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Ids of policies that were dropped: their slots on every thread are
+/// garbage (nobody can reach them again), and each thread releases its own
+/// (with the loops they own) at its next use of any policy, or at exit.
+static DROPPED: Mutex<Vec<u64>> = Mutex::new(Vec::new());
+/// Bumped whenever a policy is dropped, so a thread checks [`DROPPED`] only
+/// when something changed.
+static DROPPED_EPOCH: AtomicU64 = AtomicU64::new(0);
+
+/// Releases this thread's slots of dropped policies, and the loops they own
+/// (closed with no borrow of the slots held: a task's destructor may call
+/// into a policy).
+fn purge_dropped_policies() {
+    let epoch = DROPPED_EPOCH.load(Ordering::Acquire);
+    if PURGED_AT.try_with(|p| p.replace(epoch)).unwrap_or(epoch) == epoch {
+        return;
+    }
+    let dead = DROPPED.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let released: Vec<LocalState> = LOCAL
+        .try_with(|l| {
+            let mut l = l.borrow_mut();
+            dead.iter().filter_map(|id| l.remove(id)).collect()
+        })
+        .unwrap_or_default();
+    drop(released);
 }
 
 /// Whether the calling thread is the process's main thread.
@@ -102,6 +130,19 @@ struct PolicyCore {
     id: u64,
     kind: Option<LoopKind>,
     watcher: Mutex<Option<Arc<dyn ChildWatcher>>>,
+}
+
+impl Drop for PolicyCore {
+    /// Marks this policy's per-thread slots as garbage, and releases the
+    /// calling thread's one now (other threads release theirs lazily).
+    fn drop(&mut self) {
+        DROPPED
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(self.id);
+        DROPPED_EPOCH.fetch_add(1, Ordering::AcqRel);
+        purge_dropped_policies();
+    }
 }
 
 impl PolicyCore {
@@ -125,6 +166,7 @@ impl PolicyCore {
     }
 
     fn get_event_loop(&self) -> io::Result<EventLoop> {
+        purge_dropped_policies();
         // At thread exit the slots are dropped, and with them the loops they
         // own: a destructor of one of their tasks that asks for the thread's
         // loop gets an error, not a panic in a destructor.
@@ -157,6 +199,7 @@ impl PolicyCore {
     }
 
     fn set_event_loop(&self, lp: Option<EventLoop>) {
+        purge_dropped_policies();
         // The slot owns the thread's loop, whatever handle it came from (a
         // clone does not keep a loop open): it stays open while it is set.
         let lp = lp.map(|l| if l.is_owning() { l } else { l.owning_handle() });
@@ -316,8 +359,14 @@ pub fn get_event_loop_policy() -> Arc<dyn EventLoopPolicy> {
 }
 
 /// Sets the process's policy; `None` restores a fresh default policy.
+///
+/// A policy that is dropped this way (the last `Arc` to it gone) releases
+/// the loops it held: this thread's at once, other threads' at their next
+/// use of a policy or at their exit.
 pub fn set_event_loop_policy(p: Option<Arc<dyn EventLoopPolicy>>) {
-    *POLICY.write().unwrap_or_else(|p| p.into_inner()) = p;
+    let old = std::mem::replace(&mut *POLICY.write().unwrap_or_else(|p| p.into_inner()), p);
+    // Dropped with the lock released: its loops' tasks may ask for a policy.
+    drop(old);
 }
 
 /// The running loop if there is one, else the policy's loop for this thread.

@@ -143,3 +143,44 @@ fn set_child_watcher_closes_the_old_one() {
     policy.set_child_watcher(None);
     assert_eq!(b.closed.load(Ordering::SeqCst), 1);
 }
+
+#[test]
+fn a_dropped_policy_releases_the_loops_it_held() {
+    let _g = GLOBAL.lock().unwrap_or_else(|p| p.into_inner());
+    // Replaced through set_event_loop_policy: this thread's loop closes at
+    // once, another thread's at its next use of a policy.
+    childwatch::set_event_loop_policy(Some(Arc::new(SelectorEventLoopPolicy::new())));
+    let here = childwatch::get_event_loop().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let policy = childwatch::get_event_loop_policy();
+    let t = std::thread::spawn(move || {
+        let there = policy.get_event_loop().unwrap();
+        drop(policy);
+        tx.send(()).unwrap();
+        go_rx.recv().unwrap();
+        assert!(
+            !there.is_closed(),
+            "released before the thread used a policy"
+        );
+        let _ = childwatch::get_event_loop_policy().get_event_loop();
+        there.is_closed()
+    });
+    rx.recv().unwrap();
+    childwatch::set_event_loop_policy(None);
+    assert!(here.is_closed(), "the dropped policy's loop on this thread");
+    go_tx.send(()).unwrap();
+    assert!(
+        t.join().unwrap(),
+        "the dropped policy's loop on another thread"
+    );
+    // 100 policies in a row, each with a loop: none is left open.
+    let loops: Vec<EventLoop> = (0..100)
+        .map(|_| {
+            let p = SelectorEventLoopPolicy::new();
+            p.get_event_loop().unwrap()
+        })
+        .collect();
+    assert!(loops.iter().all(EventLoop::is_closed));
+    childwatch::set_event_loop_policy(None);
+}
