@@ -930,3 +930,45 @@ fn a_uring_watchers_children_get_their_status_after_their_proactor_loop_closes()
         }
     }
 }
+
+/// Safe or Fast attached to a loop that is dropped while a task holds a
+/// `kill_on_drop` child: the child is killed with the task, and closing the
+/// watcher (which drops the child's callback uncalled) reaps it — no zombie.
+#[test]
+fn closing_safe_and_fast_after_their_loop_went_reaps_its_dropped_children() {
+    let _g = serial();
+    for kind in kinds() {
+        let watchers: [(&str, Arc<dyn ChildWatcher>); 2] = [
+            ("safe", Arc::new(SafeChildWatcher::new().unwrap())),
+            ("fast", Arc::new(FastChildWatcher::new().unwrap())),
+        ];
+        for (name, w) in watchers {
+            let lp = EventLoop::new(kind).unwrap();
+            w.attach_loop(Some(&lp));
+            let (lp2, w2) = (lp.clone(), Arc::clone(&w));
+            let pid = lp
+                .run_until_complete(async move {
+                    let p = Command::new("sleep")
+                        .arg("30")
+                        .kill_on_drop(true)
+                        .watcher(w2)
+                        .spawn()
+                        .unwrap();
+                    let pid = p.pid();
+                    lp2.create_task(async move {
+                        let _ = p.wait().await;
+                    })
+                    .detach();
+                    pid
+                })
+                .unwrap();
+            drop(lp);
+            w.close();
+            assert_eq!(
+                unreaped_after(&[pid], Duration::from_secs(30)),
+                Vec::<i32>::new(),
+                "{name} on {kind:?}: the killed child stayed a zombie"
+            );
+        }
+    }
+}

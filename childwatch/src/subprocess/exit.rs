@@ -18,6 +18,10 @@ pub(crate) struct ExitState {
     pub(crate) rc: Option<ReturnCode>,
     /// The watcher dropped our callback without calling it.
     pub(crate) lost: bool,
+    /// The `Process` went away while the watcher still held the callback:
+    /// if the watcher drops it uncalled, the callback's drop hands the child
+    /// to the orphan reaper (nobody else would reap it).
+    abandoned: bool,
     waiters: Slab<Waker>,
 }
 
@@ -34,18 +38,21 @@ impl ExitSlot {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn finish(&self, rc: Option<ReturnCode>) {
-        let wakers: Vec<Waker> = {
+    /// Records the exit (`None`: lost) and wakes the waiters; returns whether
+    /// the `Process` was already dropped (see `abandoned`).
+    fn finish(&self, rc: Option<ReturnCode>) -> bool {
+        let (wakers, abandoned): (Vec<Waker>, bool) = {
             let mut st = self.lock();
             match rc {
                 Some(rc) => st.rc = Some(rc),
                 None => st.lost = true,
             }
-            st.waiters.drain().collect()
+            (st.waiters.drain().collect(), st.abandoned)
         };
         for w in wakers {
             w.wake();
         }
+        abandoned
     }
 }
 
@@ -84,7 +91,7 @@ impl ExitReport {
 
     pub(crate) fn fire(mut self, rc: ReturnCode) {
         if let Some(slot) = self.slot.take() {
-            slot.finish(Some(rc));
+            let _ = slot.finish(Some(rc));
         }
     }
 }
@@ -97,8 +104,14 @@ impl Drop for ExitReport {
                 if c.returncode().is_none() {
                     c.pin();
                 }
+                // The same lock decides against `ChildCore`'s drop: exactly
+                // one of the two hands an unwatched, unheld child over.
+                if slot.finish(None) && c.returncode().is_none() {
+                    crate::watcher::reap_orphan(&c);
+                }
+                return;
             }
-            slot.finish(None);
+            let _ = slot.finish(None);
         }
     }
 }
@@ -216,13 +229,6 @@ impl ChildCore {
         st.rc
     }
 
-    /// Whether the watcher dropped this child's callback without calling it
-    /// while the child is not reaped: nobody of ours reaps it now.
-    #[cfg(unix)]
-    pub(crate) fn orphaned(&self) -> bool {
-        self.exit.lock().lost && self.child.returncode().is_none()
-    }
-
     /// A future of the exit (see [`WaitExit`]).
     pub(crate) fn wait(&self) -> WaitExit {
         WaitExit {
@@ -300,9 +306,16 @@ impl Drop for ChildCore {
     /// A child its watcher stopped watching (closed, or its handler
     /// removed) would stay a zombie once nobody holds it: it goes to the
     /// shared overflow poller, which reaps it through its gate (tokio's
-    /// orphan queue does the same for a dropped child).
+    /// orphan queue does the same for a dropped child). If the watcher still
+    /// holds the callback, the callback does this when it is dropped uncalled
+    /// (a watcher closed, or left on a closed loop, after the `Process`).
     fn drop(&mut self) {
-        if self.orphaned() {
+        let lost = {
+            let mut st = self.exit.lock();
+            st.abandoned = true;
+            st.lost
+        };
+        if lost && self.child.returncode().is_none() {
             crate::watcher::reap_orphan(&self.child);
         }
     }
