@@ -30,7 +30,7 @@
 //! (Rust's name for it; Windows has no direct "main thread" query).
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -87,13 +87,19 @@ thread_local! {
     static PURGED_AT: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
-/// Ids of policies that were dropped: their slots on every thread are
-/// garbage (nobody can reach them again), and each thread releases its own
-/// (with the loops they own) at its next use of any policy, or at exit.
-static DROPPED: Mutex<Vec<u64>> = Mutex::new(Vec::new());
-/// Bumped whenever a policy is dropped, so a thread checks [`DROPPED`] only
+/// Ids of the policies alive now. A thread's slots whose policy is not
+/// among them are garbage (nobody can reach them again); each thread
+/// releases its own, with the loops they own, at its next use of any policy
+/// or at exit. Only live ids are kept, so the cost of a purge is the number
+/// of this thread's slots, however many policies came and went.
+static LIVE: Mutex<Option<HashSet<u64>>> = Mutex::new(None);
+/// Bumped whenever a policy is dropped, so a thread looks at [`LIVE`] only
 /// when something changed.
 static DROPPED_EPOCH: AtomicU64 = AtomicU64::new(0);
+
+fn live() -> std::sync::MutexGuard<'static, Option<HashSet<u64>>> {
+    LIVE.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// Releases this thread's slots of dropped policies, and the loops they own
 /// (closed with no borrow of the slots held: a task's destructor may call
@@ -103,10 +109,16 @@ fn purge_dropped_policies() {
     if PURGED_AT.try_with(|p| p.replace(epoch)).unwrap_or(epoch) == epoch {
         return;
     }
-    let dead = DROPPED.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let released: Vec<LocalState> = LOCAL
         .try_with(|l| {
             let mut l = l.borrow_mut();
+            let live = live();
+            let dead: Vec<u64> = l
+                .keys()
+                .filter(|id| !live.as_ref().is_some_and(|s| s.contains(id)))
+                .copied()
+                .collect();
+            drop(live);
             dead.iter().filter_map(|id| l.remove(id)).collect()
         })
         .unwrap_or_default();
@@ -133,13 +145,13 @@ struct PolicyCore {
 }
 
 impl Drop for PolicyCore {
-    /// Marks this policy's per-thread slots as garbage, and releases the
-    /// calling thread's one now (other threads release theirs lazily).
+    /// Marks this policy's per-thread slots as garbage (its id leaves
+    /// [`LIVE`]), and releases the calling thread's one now (other threads
+    /// release theirs lazily).
     fn drop(&mut self) {
-        DROPPED
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(self.id);
+        if let Some(ids) = live().as_mut() {
+            ids.remove(&self.id);
+        }
         DROPPED_EPOCH.fetch_add(1, Ordering::AcqRel);
         purge_dropped_policies();
     }
@@ -148,8 +160,10 @@ impl Drop for PolicyCore {
 impl PolicyCore {
     fn new(kind: Option<LoopKind>) -> PolicyCore {
         static NEXT: AtomicU64 = AtomicU64::new(1);
+        let id = NEXT.fetch_add(1, Ordering::Relaxed);
+        live().get_or_insert_with(HashSet::new).insert(id);
         PolicyCore {
-            id: NEXT.fetch_add(1, Ordering::Relaxed),
+            id,
             kind,
             watcher: Mutex::new(None),
         }
