@@ -972,3 +972,53 @@ fn closing_safe_and_fast_after_their_loop_went_reaps_its_dropped_children() {
         }
     }
 }
+
+/// asyncio's `remove_child_handler`: the caller takes the child back and
+/// reaps it. That holds when its `Process` was dropped first: the removed
+/// callback must not give the child to the orphan reaper.
+#[test]
+fn remove_child_handler_after_the_process_went_leaves_the_child_to_the_caller() {
+    let _g = serial();
+    for kind in kinds() {
+        // Not Threaded: as in CPython, its waiter thread reaps the child
+        // whether or not the handler is still there.
+        let watchers: [(&str, Arc<dyn ChildWatcher>); 5] = [
+            ("safe", Arc::new(SafeChildWatcher::new().unwrap())),
+            ("fast", Arc::new(FastChildWatcher::new().unwrap())),
+            ("multiloop", Arc::new(MultiLoopChildWatcher::new().unwrap())),
+            ("pidfd", Arc::new(PidfdChildWatcher::new().unwrap())),
+            ("uring", Arc::new(UringChildWatcher::new().unwrap())),
+        ];
+        for (name, w) in watchers {
+            let lp = EventLoop::new(kind).unwrap();
+            w.attach_loop(Some(&lp));
+            let w2 = Arc::clone(&w);
+            // Exits only once it reads a line: removed while surely running.
+            let (pid, stdin) = lp
+                .run_until_complete(async move {
+                    let mut p = Command::new("sh")
+                        .args(["-c", "read x; exit 9"])
+                        .stdin(childwatch::Stdio::piped())
+                        .watcher(w2)
+                        .spawn()
+                        .unwrap();
+                    (p.pid(), p.stdin.take())
+                })
+                .unwrap();
+            assert!(w.remove_child_handler(pid), "{name}");
+            drop(stdin);
+            let mut status = 0;
+            // SAFETY: waiting for our own child.
+            let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+            assert_eq!(
+                r, pid,
+                "{name} on {kind:?}: the child was reaped behind the caller's back"
+            );
+            assert!(
+                libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 9,
+                "{name}"
+            );
+            w.close();
+        }
+    }
+}

@@ -3,6 +3,7 @@
 //! `ChildCore` — pid, exit slot, and signals decided under the same locks
 //! that record the exit, so a signal never reaches a recycled pid.
 
+use std::cell::Cell;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -22,6 +23,9 @@ pub(crate) struct ExitState {
     /// if the watcher drops it uncalled, the callback's drop hands the child
     /// to the orphan reaper (nobody else would reap it).
     abandoned: bool,
+    /// The callback was dropped by `remove_child_handler`: the caller took
+    /// the child back, so nobody of ours hands it to the orphan reaper.
+    handed_back: bool,
     waiters: Slab<Waker>,
 }
 
@@ -39,21 +43,48 @@ impl ExitSlot {
     }
 
     /// Records the exit (`None`: lost) and wakes the waiters; returns whether
-    /// the `Process` was already dropped (see `abandoned`).
+    /// the child is now ours to give to the orphan reaper: the `Process` was
+    /// already dropped (see `abandoned`) and the child was not handed back.
     fn finish(&self, rc: Option<ReturnCode>) -> bool {
-        let (wakers, abandoned): (Vec<Waker>, bool) = {
+        let handed_back = rc.is_none() && HANDING_BACK.with(Cell::get);
+        let (wakers, orphan): (Vec<Waker>, bool) = {
             let mut st = self.lock();
             match rc {
                 Some(rc) => st.rc = Some(rc),
                 None => st.lost = true,
             }
-            (st.waiters.drain().collect(), st.abandoned)
+            st.handed_back |= handed_back;
+            (
+                st.waiters.drain().collect(),
+                st.abandoned && !st.handed_back,
+            )
         };
         for w in wakers {
             w.wake();
         }
-        abandoned
+        orphan
     }
+}
+
+thread_local! {
+    /// Set while `remove_child_handler` drops a handler (see [`handing_back`]).
+    static HANDING_BACK: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` (which drops callbacks a watcher removed at its caller's
+/// request) with this thread marked as handing children back: an exit slot
+/// whose callback is dropped meanwhile records that the caller took the
+/// child back and leaves it to them (asyncio's `remove_child_handler`: the
+/// caller reaps), instead of giving it to the orphan reaper.
+pub(crate) fn handing_back<R>(f: impl FnOnce() -> R) -> R {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            HANDING_BACK.with(|h| h.set(self.0));
+        }
+    }
+    let _reset = Reset(HANDING_BACK.with(|h| h.replace(true)));
+    f()
 }
 
 /// Owned by the watcher's callback: records the exit when called, or marks
@@ -313,7 +344,7 @@ impl Drop for ChildCore {
         let lost = {
             let mut st = self.exit.lock();
             st.abandoned = true;
-            st.lost
+            st.lost && !st.handed_back
         };
         if lost && self.child.returncode().is_none() {
             crate::watcher::reap_orphan(&self.child);

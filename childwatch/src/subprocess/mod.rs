@@ -70,7 +70,7 @@
 mod args;
 mod child_io;
 mod command;
-mod exit;
+pub(crate) mod exit;
 #[cfg(unix)]
 mod pipes;
 #[cfg(windows)]

@@ -164,12 +164,20 @@ impl Registry {
         }
     }
 
-    /// Removes the handler of `pid`; true if there was one.
+    /// Removes the handler of `pid`; true if there was one. The caller
+    /// (asyncio's `remove_child_handler`) takes the child back: its handler
+    /// is dropped, outside the lock, as handed back, so a `Process` that
+    /// was dropped does not give the child to the orphan reaper.
     pub(crate) fn remove(&self, pid: Pid) -> bool {
-        let mut st = self.lock();
-        #[cfg(unix)]
-        st.children.remove(&pid);
-        st.handlers.remove(&pid).is_some()
+        let handler = {
+            let mut st = self.lock();
+            #[cfg(unix)]
+            st.children.remove(&pid);
+            st.handlers.remove(&pid)
+        };
+        let removed = handler.is_some();
+        crate::subprocess::exit::handing_back(|| drop(handler));
+        removed
     }
 
     /// Whether `pid` has a handler.
