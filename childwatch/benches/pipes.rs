@@ -112,18 +112,23 @@ mod linux {
         t.elapsed()
     }
 
+    /// `head -c n /dev/zero` with its stdout piped, on the running loop.
+    fn spawn_head(n: usize) -> childwatch::Process {
+        Command::new("head")
+            .arg("-c")
+            .arg(n.to_string())
+            .arg("/dev/zero")
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn head")
+    }
+
     fn stream_loop(kind: LoopKind, n: usize) -> Duration {
         let lp = EventLoop::new(kind).expect("loop");
         let t = Instant::now();
         let got = lp
             .run_until_complete(async {
-                let mut p = Command::new("head")
-                    .arg("-c")
-                    .arg(n.to_string())
-                    .arg("/dev/zero")
-                    .stdout(Stdio::piped())
-                    .spawn()
-                    .expect("spawn head");
+                let mut p = spawn_head(n);
                 let mut out = p.stdout.take().expect("piped");
                 let mut buf = vec![0u8; CHUNK];
                 let mut total = 0;
@@ -170,13 +175,7 @@ mod linux {
         let t = Instant::now();
         let got = lp
             .run_until_complete(async {
-                let mut p = Command::new("head")
-                    .arg("-c")
-                    .arg(n.to_string())
-                    .arg("/dev/zero")
-                    .stdout(Stdio::piped())
-                    .spawn()
-                    .expect("spawn head");
+                let mut p = spawn_head(n);
                 let mut out = p.stdout.take().expect("piped");
                 let mut buf = Vec::new();
                 if trait_path {
