@@ -65,15 +65,20 @@ mod linux {
         }
     }
 
-    fn read_blocking(n: usize) -> Duration {
-        let t = Instant::now();
-        let mut child = std::process::Command::new("head")
+    /// `head -c n /dev/zero` with its stdout piped, through `std::process`.
+    fn spawn_head_blocking(n: usize) -> std::process::Child {
+        std::process::Command::new("head")
             .arg("-c")
             .arg(n.to_string())
             .arg("/dev/zero")
             .stdout(StdStdio::piped())
             .spawn()
-            .expect("spawn head");
+            .expect("spawn head")
+    }
+
+    fn read_blocking(n: usize) -> Duration {
+        let t = Instant::now();
+        let mut child = spawn_head_blocking(n);
         let mut out = child.stdout.take().expect("piped");
         let reader = std::thread::spawn(move || {
             let mut buf = Vec::new();
@@ -88,13 +93,7 @@ mod linux {
 
     fn stream_blocking(n: usize) -> Duration {
         let t = Instant::now();
-        let mut child = std::process::Command::new("head")
-            .arg("-c")
-            .arg(n.to_string())
-            .arg("/dev/zero")
-            .stdout(StdStdio::piped())
-            .spawn()
-            .expect("spawn head");
+        let mut child = spawn_head_blocking(n);
         let mut out = child.stdout.take().expect("piped");
         let reader = std::thread::spawn(move || {
             let mut buf = vec![0u8; CHUNK];

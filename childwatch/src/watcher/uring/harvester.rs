@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use super::Inner;
 use super::loop_ring::Token;
-use super::own_ring::{Core, OwnRing, ensure_reaper, harvest};
+use super::own_ring::{Core, OwnRing, hand_off_unharvested, harvest};
 use crate::event_loop::EventLoop;
 
 /// Starts a harvesting task for `ring` on the selector loop `lp` unless one
@@ -58,22 +58,7 @@ impl Harvester {
             let mut core = self.ring.lock();
             core.harvesters
                 .retain(|(_, t)| !Arc::ptr_eq(t, &self.token));
-            if !core.unharvested() {
-                return;
-            }
-            match ensure_reaper(&self.inner, &self.ring, &mut core) {
-                Ok(()) => return,
-                Err(e) => {
-                    tracing::warn!(
-                        "cannot start the io_uring reaper thread ({e}); {} child(ren) go to \
-                         waiter threads",
-                        core.ops.len()
-                    );
-                    let orphans = core.cancel_all();
-                    core.flush();
-                    orphans
-                }
-            }
+            hand_off_unharvested(&self.inner, &self.ring, &mut core)
         };
         for child in orphans {
             self.inner.to_thread(&child);

@@ -15,7 +15,7 @@ use std::fmt;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::sync::Arc;
 
-use super::own_ring::{self, OwnRing, ensure_reaper};
+use super::own_ring::{self, OwnRing};
 use super::{Inner, UringChildWatcher};
 
 /// A host loop's handle on a [`UringChildWatcher`]'s own ring. `Send`;
@@ -81,21 +81,7 @@ impl Drop for HostDriver {
         let orphans = {
             let mut core = self.ring.lock();
             core.hosts = core.hosts.saturating_sub(1);
-            if !core.unharvested() {
-                return;
-            }
-            match ensure_reaper(&self.inner, &self.ring, &mut core) {
-                Ok(()) => return,
-                Err(e) => {
-                    tracing::warn!(
-                        "cannot start the io_uring reaper thread ({e}); pending children go to \
-                         waiter threads"
-                    );
-                    let orphans = core.cancel_all();
-                    core.flush();
-                    orphans
-                }
-            }
+            own_ring::hand_off_unharvested(&self.inner, &self.ring, &mut core)
         };
         for child in orphans {
             self.inner.to_thread(&child);

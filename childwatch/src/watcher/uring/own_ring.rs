@@ -389,6 +389,34 @@ pub(super) fn harvest_orphaned(inner: &Arc<Inner>) {
     }
 }
 
+/// A harvester of `ring` (a selector loop's task, or a host driver) left:
+/// what nobody else harvests goes to the reaper thread, or, if that cannot
+/// start, is cancelled here. Returns those cancelled children, for the
+/// caller to give to waiter threads (`Inner::to_thread`) once `core` is
+/// unlocked.
+pub(super) fn hand_off_unharvested(
+    inner: &Arc<Inner>,
+    ring: &Arc<OwnRing>,
+    core: &mut Core,
+) -> Vec<ChildHandle> {
+    if !core.unharvested() {
+        return Vec::new();
+    }
+    match ensure_reaper(inner, ring, core) {
+        Ok(()) => Vec::new(),
+        Err(e) => {
+            tracing::warn!(
+                "cannot start the io_uring reaper thread ({e}); {} child(ren) go to waiter \
+                 threads",
+                core.ops.len()
+            );
+            let orphans = core.cancel_all();
+            core.flush();
+            orphans
+        }
+    }
+}
+
 /// Starts the reaper thread unless one runs.
 pub(super) fn ensure_reaper(
     inner: &Arc<Inner>,
